@@ -1,0 +1,215 @@
+"""HeliosTransformer3DModel: the Wan 2.1 video DiT extended with a multi-term memory of past latents.
+
+Differences from Wan 2.1 (same weight names otherwise):
+- three extra patch embeddings compress the history: short (2 latent frames, 1x), mid (2 frames, 2x2x2 coarser
+  patches) and long (16 frames, 4x4x4 coarser). Their tokens are prepended as [long | mid | short | current] and
+  their rotary tables are the cos/sin *averaged* over each coarse cell;
+- history tokens are modulated with the embedding of t=0 (zero_history_timestep) and skip cross-attention
+  (guidance_cross_attn); the output keeps only the current tokens;
+- optionally, learnt per-head amplification of the history keys (is_amplify_history);
+- Wan's top-level `scale_shift_table` is `norm_out.scale_shift_table`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import HeliosConfig
+from .layers import (
+    ConditionEmbedder,
+    OutputNorm,
+    TransformerBlock,
+    grid_to_tokens,
+    pad_replicate,
+    pool_rope,
+    rope_grid,
+)
+
+# The multi-term memory, in sequence order. `factor` is how many patches per axis one memory token covers.
+MEMORY_TERMS = (("long", 4), ("mid", 2), ("short", 1))
+
+
+@dataclass
+class TransformerOutput:
+    sample: torch.Tensor  # [B, out_channels, T, H, W] flow (velocity) prediction for the current latents
+
+
+class HeliosTransformer3DModel(nn.Module):
+    def __init__(self, config: HeliosConfig | None = None, **kwargs):
+        super().__init__()
+        if config is None:
+            config = HeliosConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either a HeliosConfig or config keyword arguments, not both")
+        self.config = cfg = config
+        dim, patch = cfg.inner_dim, cfg.patch_size
+
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=patch, stride=patch)
+        if cfg.has_multi_term_memory_patch:
+            for name, factor in MEMORY_TERMS:
+                kernel = tuple(factor * p for p in patch)
+                setattr(self, f"patch_{name}", nn.Conv3d(cfg.in_channels, dim, kernel_size=kernel, stride=kernel))
+        self.condition_embedder = ConditionEmbedder(dim, cfg.freq_dim, cfg.text_dim)
+        self.blocks = nn.ModuleList([TransformerBlock(cfg, dim) for _ in range(cfg.num_layers)])
+        self.norm_out = OutputNorm(dim, cfg.eps)
+        self.proj_out = nn.Linear(dim, cfg.output_channels * math.prod(patch))
+
+    # Loading and saving live in weights.py; these are the familiar entry points.
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, subfolder: str | None = None, torch_dtype=None, device="cpu"):
+        from .weights import load_transformer
+
+        return load_transformer(path_or_repo_id, subfolder=subfolder, torch_dtype=torch_dtype, device=device)
+
+    def save_pretrained(self, directory, max_shard_size: int | str = "10GB") -> None:
+        from .weights import save_transformer
+
+        save_transformer(self, directory, max_shard_size=max_shard_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: that of the matmul weights (some small modules stay fp32)."""
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep,
+        encoder_hidden_states: torch.Tensor,
+        indices_hidden_states=None,
+        indices_latents_history_short=None,
+        indices_latents_history_mid=None,
+        indices_latents_history_long=None,
+        latents_history_short=None,
+        latents_history_mid=None,
+        latents_history_long=None,
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+    ):
+        """Predict the flow of the current latents [B, C, T, H, W] given text [B, Lt, text_dim] and history."""
+        history = {
+            "short": (latents_history_short, indices_latents_history_short),
+            "mid": (latents_history_mid, indices_latents_history_mid),
+            "long": (latents_history_long, indices_latents_history_long),
+        }
+        timestep = check_inputs(self.config, hidden_states, timestep, encoder_hidden_states, indices_hidden_states, history)
+        check_attention_kwargs(attention_kwargs)
+        dtype, batch = self.dtype, hidden_states.shape[0]
+        pt, ph, pw = self.config.patch_size
+
+        current = self.patch_embedding(hidden_states.to(dtype))  # [B, D, T', H', W']
+        frames, height, width = current.shape[2:]
+        if indices_hidden_states is None:
+            indices_hidden_states = torch.arange(frames, device=current.device)
+        tokens = [grid_to_tokens(current)]
+        ropes = [grid_to_tokens(self._rope(indices_hidden_states, batch, height, width, 1))]
+        for name, factor in reversed(MEMORY_TERMS):  # short, mid, long: each is prepended
+            latents, indices = history[name]
+            if latents is None:
+                continue
+            kernel = tuple(factor * p for p in self.config.patch_size)
+            embedded = getattr(self, f"patch_{name}")(pad_replicate(latents.to(dtype), kernel))
+            h1, w1 = latents.shape[-2] // ph, latents.shape[-1] // pw  # the memory's grid at patch resolution
+            tokens.insert(0, grid_to_tokens(embedded))
+            ropes.insert(0, grid_to_tokens(self._rope(indices, batch, h1, w1, factor)))
+        h = torch.cat(tokens, dim=1).contiguous()  # [B, L, D]
+        cos, sin = torch.cat(ropes, dim=1).unsqueeze(2).chunk(2, dim=-1)  # [B, L, 1, head_dim/2] each
+        n_cur = frames * height * width
+        n_hist = h.shape[1] - n_cur
+
+        text = self.condition_embedder.text_embedder(encoder_hidden_states.to(dtype))
+        temb, proj = self.condition_embedder.embed_time(timestep, dtype)
+        spans, projs = [slice(0, None)], [proj]
+        if self.config.zero_history_timestep and n_hist > 0:
+            _, proj_t0 = self.condition_embedder.embed_time(torch.zeros(1, device=timestep.device), dtype)
+            spans, projs = [slice(0, n_hist), slice(n_hist, None)], [proj_t0, proj]
+
+        for block in self.blocks:
+            h = block(h, text, spans, projs, (cos, sin), n_hist)
+
+        out = self.proj_out(self.norm_out(h[:, n_hist:], temb))  # [B, n_cur, pt*ph*pw*C]
+        out = out.reshape(batch, frames, height, width, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        out = out.reshape(batch, out.shape[1], frames * pt, height * ph, width * pw)
+        return TransformerOutput(sample=out) if return_dict else (out,)
+
+    def _rope(self, indices, batch: int, height: int, width: int, factor: int) -> torch.Tensor:
+        """Rotary table [B, head_dim, T', H', W'] for frame indices on a height x width patch grid, pooled by factor."""
+        indices = torch.as_tensor(indices, device=self.device)
+        indices = indices.reshape(-1, indices.shape[-1]).expand(batch, -1)
+        grid = rope_grid(indices, height, width, self.config.rope_dim, self.config.rope_theta)
+        return pool_rope(grid, factor)
+
+
+def check_attention_kwargs(attention_kwargs) -> None:
+    # The reference only reads a LoRA "scale" from attention_kwargs; we have no adapters, so it has no effect.
+    unknown = set(attention_kwargs or {}) - {"scale"}
+    if unknown:
+        raise ValueError(f"attention_kwargs: unsupported keys {sorted(unknown)} (only 'scale' is accepted)")
+
+
+def check_inputs(cfg: HeliosConfig, hidden_states, timestep, text, indices_current, history) -> torch.Tensor:
+    """Validate shapes before any heavy work; returns the timestep as a [B] tensor."""
+    _check_latents("hidden_states", hidden_states, cfg)
+    batch = hidden_states.shape[0]
+    if not isinstance(text, torch.Tensor) or text.ndim != 3 or text.shape[-1] != cfg.text_dim:
+        got = tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__
+        raise ValueError(f"encoder_hidden_states must be [B, seq_len, text_dim={cfg.text_dim}], got {got}")
+    if text.shape[0] != batch:
+        raise ValueError(f"encoder_hidden_states has batch {text.shape[0]}, hidden_states has batch {batch}")
+    _check_indices("indices_hidden_states", indices_current, hidden_states, cfg, batch)
+    for name, (latents, indices) in history.items():
+        latent_arg, index_arg = f"latents_history_{name}", f"indices_latents_history_{name}"
+        if (latents is None) != (indices is None):
+            given, missing = (latent_arg, index_arg) if indices is None else (index_arg, latent_arg)
+            raise ValueError(f"{given} was given without {missing}; pass both or neither")
+        if latents is None:
+            continue
+        if not cfg.has_multi_term_memory_patch:
+            raise ValueError(f"{latent_arg}: this model has no memory patches (has_multi_term_memory_patch=False)")
+        _check_latents(latent_arg, latents, cfg)
+        if latents.shape[0] != batch:
+            raise ValueError(f"{latent_arg} has batch {latents.shape[0]}, hidden_states has batch {batch}")
+        _check_indices(index_arg, indices, latents, cfg, batch)
+    return _timestep_vector(timestep, batch, hidden_states.device)
+
+
+def _check_latents(name: str, latents, cfg: HeliosConfig) -> None:
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
+        got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"{name} must be a 5-D tensor [B, C={cfg.in_channels}, T, H, W], got {got}")
+    if latents.shape[1] != cfg.in_channels:
+        raise ValueError(f"{name} must have C={cfg.in_channels} channels ([B, C, T, H, W]), got {tuple(latents.shape)}")
+    for axis, size, p in zip("THW", latents.shape[2:], cfg.patch_size):
+        if size % p or size == 0:
+            raise ValueError(
+                f"{name}: {axis}={size} must be a positive multiple of the patch size {p} "
+                f"(patch_size={cfg.patch_size}), got shape {tuple(latents.shape)}"
+            )
+
+
+def _check_indices(name: str, indices, latents: torch.Tensor, cfg: HeliosConfig, batch: int) -> None:
+    if indices is None:
+        return
+    shape = tuple(torch.as_tensor(indices).shape)
+    frames = latents.shape[2] // cfg.patch_size[0]
+    ok = len(shape) in (1, 2) and shape[-1] == frames and (len(shape) == 1 or shape[0] in (1, batch))
+    if not ok:
+        raise ValueError(f"{name} must have shape [{frames}] or [B={batch}, {frames}] (one index per frame), got {shape}")
+
+
+def _timestep_vector(timestep, batch: int, device) -> torch.Tensor:
+    t = torch.as_tensor(timestep, device=device)
+    if t.ndim == 0:
+        t = t[None]
+    if t.ndim != 1 or t.shape[0] not in (1, batch):
+        raise ValueError(f"timestep must be a scalar or have shape [1] or [B={batch}], got {tuple(t.shape)}")
+    return t.expand(batch)

@@ -1,0 +1,173 @@
+"""Checkpoint IO for the transformer, in the diffusers layout the published repos use.
+
+A transformer folder holds `config.json` and either `diffusion_pytorch_model.safetensors` or shards named in
+`diffusion_pytorch_model.safetensors.index.json`. Loading builds the model on the meta device and assigns each tensor
+read from the memory-mapped files, so no second full copy of the weights is ever held. Loading is strict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import HeliosConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = WEIGHTS_NAME + ".index.json"
+SHARD_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
+
+# Modules the reference keeps in fp32 whatever torch_dtype is asked for (matched on whole dotted name components).
+KEEP_FP32 = frozenset({"time_embedder", "scale_shift_table", "norm1", "norm2", "norm3", "history_key_scale"})
+# Keys the reference skips when present in a checkpoint (Wan image-to-video leftovers). We skip them too, loudly.
+IGNORED_KEYS = re.compile(r"norm_added_q")
+REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+
+
+def param_dtype(name: str, torch_dtype: torch.dtype) -> torch.dtype:
+    """The dtype parameter `name` gets when loading with torch_dtype (the reference's policy)."""
+    return torch.float32 if KEEP_FP32.intersection(name.split(".")) else torch_dtype
+
+
+def resolve_directory(path_or_repo_id: str | os.PathLike, subfolder: str | None = None) -> Path:
+    """A local folder, or a hub repo id resolved through huggingface_hub (cache first; HF_HUB_OFFLINE respected)."""
+    path = Path(path_or_repo_id).expanduser()
+    if not path.exists() and REPO_ID.match(str(path_or_repo_id)):
+        from huggingface_hub import snapshot_download
+
+        patterns = [f"{subfolder}/*"] if subfolder else None
+        try:
+            path = Path(snapshot_download(str(path_or_repo_id), allow_patterns=patterns))
+        except Exception as err:  # hub errors are many classes; the message is what the user needs
+            raise FileNotFoundError(
+                f"{path_or_repo_id}: not a local folder, and the Hugging Face hub could not provide it: {err}"
+            ) from err
+    directory = path / subfolder if subfolder else path
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such model folder")
+    return directory
+
+
+def read_config(directory: Path) -> HeliosConfig:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing transformer config")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    return HeliosConfig.from_dict(values, source=str(path))
+
+
+def weight_files(directory: Path) -> dict[Path, list[str] | None]:
+    """Weight files of a folder -> the keys the index assigns to each (None for a single unindexed file)."""
+    index = directory / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{index}: not a valid safetensors index ({err!r})") from err
+        files: dict[Path, list[str]] = {}
+        for key, name in weight_map.items():
+            files.setdefault(directory / name, []).append(key)
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that do not exist: {missing}")
+        return files
+    single = directory / WEIGHTS_NAME
+    if single.is_file():
+        return {single: None}
+    raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME} and no {INDEX_NAME}")
+
+
+def load_transformer(path_or_repo_id, subfolder=None, torch_dtype=None, device="cpu"):
+    from .model import HeliosTransformer3DModel
+
+    directory = resolve_directory(path_or_repo_id, subfolder)
+    config = read_config(directory)
+    with torch.device("meta"):
+        model = HeliosTransformer3DModel(config)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    state = read_state_dict(weight_files(directory), expected, torch_dtype or torch.float32, device)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def read_state_dict(files: dict[Path, list[str] | None], expected: dict[str, tuple], torch_dtype, device) -> dict:
+    """Read exactly the expected tensors, each cast to its policy dtype, after checking names and shapes."""
+    found: dict[str, tuple[Path, tuple]] = {}
+    for path, listed in files.items():
+        with _open(path, device) as f:
+            keys = set(f.keys())
+            if listed is not None and not set(listed) <= keys:
+                raise ValueError(f"{path}: missing keys its index promises: {sorted(set(listed) - keys)[:10]}")
+            for key in keys:
+                found[key] = (path, tuple(f.get_slice(key).get_shape()))
+    _check_keys(found, expected)
+    state = {}
+    for path in files:
+        with _open(path, device) as f:
+            for key in f.keys():
+                if key in expected:
+                    state[key] = f.get_tensor(key).to(param_dtype(key, torch_dtype))
+    return state
+
+
+def _check_keys(found: dict[str, tuple[Path, tuple]], expected: dict[str, tuple]) -> None:
+    ignored = sorted(k for k in found if k not in expected and IGNORED_KEYS.search(k))
+    if ignored:
+        warnings.warn(f"skipping checkpoint keys the model does not use: {ignored}", stacklevel=3)
+    problems = []
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        problems.append(f"missing keys {missing}")
+    unexpected = sorted(k for k in found if k not in expected and k not in ignored)
+    if unexpected:
+        files = sorted({str(found[k][0]) for k in unexpected})
+        problems.append(f"unexpected keys {unexpected} (in {files})")
+    for key, shape in expected.items():
+        if key in found and found[key][1] != shape:
+            problems.append(f"{key} in {found[key][0]} has shape {list(found[key][1])}, the model expects {list(shape)}")
+    if problems:
+        raise ValueError("checkpoint does not match the model config: " + "; ".join(problems))
+
+
+def _open(path: Path, device):
+    try:
+        return safe_open(str(path), framework="pt", device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable safetensors file (truncated or corrupt?): {err}") from err
+
+
+def save_transformer(model, directory: str | os.PathLike, max_shard_size: int | str = "10GB") -> None:
+    """Write config.json and (sharded) safetensors. Files are staged and moved in, so a failure leaves no mix."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    split = split_torch_state_dict_into_shards(state, filename_pattern=SHARD_PATTERN, max_shard_size=max_shard_size)
+    config = {"_class_name": "HeliosTransformer3DModel", "_diffusers_version": "0.42.1", **model.config.to_dict()}
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as staging:
+        staging = Path(staging)
+        for filename, keys in split.filename_to_tensors.items():
+            save_file({k: state[k] for k in keys}, str(staging / filename), metadata={"format": "pt"})
+        if split.is_sharded:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     "weight_map": split.tensor_to_filename}
+            (staging / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        # Weights from an earlier save with another sharding would be picked up by loaders; remove them.
+        for old in directory.glob("diffusion_pytorch_model*.safetensors*"):
+            old.unlink()
+        for item in staging.iterdir():
+            shutil.move(str(item), directory / item.name)
