@@ -1,0 +1,89 @@
+"""Denoising one chunk: the schedule of each stage, guidance, and the step loop, one code path for all variants.
+
+Base is a single full-resolution stage. Mid and Distilled start from noise downsampled to 1/4 resolution and
+run one stage per resolution, upsampling with block noise in between (spec §3.3-3.5).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .options import SamplingOptions, Variant
+from .schedule import (
+    Schedule,
+    base_schedule,
+    calculate_mu,
+    cfg_combine,
+    cfg_zero_star,
+    downsample_noise,
+    image_seq_len,
+    pyramid_schedules,
+    sampler_step,
+    upsample_renoise,
+    zero_init_applies,
+)
+
+# velocity(x, timestep [B], text) -> model output v [B, C, T, h, w]
+Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Cancelled(Exception):
+    """Raised inside a chunk when the caller asked to stop; the stream ends without a partial chunk."""
+
+
+def chunk_schedules(variant: Variant, opts: SamplingOptions, latent_hw, first_chunk: bool, patch) -> list[Schedule]:
+    """The schedule of every stage for one chunk of [.., frames, h, w] full-resolution latents."""
+    frames, (h, w) = opts.num_latent_frames_per_chunk, latent_hw
+    cfg = variant.scheduler
+    if not variant.is_pyramid:
+        mu = calculate_mu(image_seq_len(frames, h, w, patch), cfg)
+        return [base_schedule(cfg, opts.num_inference_steps, mu=mu)]
+    amplify = bool(opts.is_amplify_first_chunk and first_chunk)
+    return pyramid_schedules(cfg, opts.pyramid_num_inference_steps_list, frames, h, w, amplify=amplify, patch_size=patch)
+
+
+def guided_velocity(model: Velocity, text, negative_text, variant: Variant, opts: SamplingOptions):
+    """Wrap the model with the variant's guidance. Returns velocity(x, t, stage, step)."""
+    scale = opts.guidance_scale
+    if scale <= 1.0 or negative_text is None:  # the reference's do_classifier_free_guidance
+        return lambda x, t, stage, step: model(x, t, text)
+
+    def velocity(x, t, stage, step):
+        v_cond, v_uncond = model(x, t, text), model(x, t, negative_text)
+        if variant.is_cfg_zero_star:
+            zero = zero_init_applies(stage, step, opts.zero_steps, opts.use_zero_init)
+            return cfg_zero_star(v_cond, v_uncond, scale, zero_init=zero)
+        return cfg_combine(v_cond, v_uncond, scale)
+
+    return velocity
+
+
+def denoise_chunk(
+    velocity,
+    noise: torch.Tensor,
+    schedules: list[Schedule],
+    variant: Variant,
+    generator: torch.Generator,
+    model_dtype: torch.dtype,
+    on_step: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Run every stage's steps from fp32 noise [B, C, T, h, w]; returns the chunk's clean latents.
+
+    on_step() is called after every step; returning True cancels (raises Cancelled).
+    """
+    cfg, batch = variant.scheduler, noise.shape[0]
+    x = downsample_noise(noise, len(schedules)) if variant.is_pyramid else noise
+    for stage, schedule in enumerate(schedules):
+        if stage > 0:
+            x = upsample_renoise(x, cfg, stage, generator, model_dtype)
+        start_point, state = x, None  # DMD re-noises towards the stage's start point
+        for i, t in enumerate(schedule.timesteps):
+            # The pyramid pipeline feeds the transformer truncated integer timesteps, Base the float values.
+            t = t.expand(batch).to(torch.int64) if variant.is_pyramid else t.expand(batch)
+            v = velocity(x.to(model_dtype), t, stage, i)
+            x, state = sampler_step(cfg, x, v, schedule, i, state, start_point)
+            if on_step is not None and on_step():
+                raise Cancelled()
+    return x

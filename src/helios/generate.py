@@ -1,0 +1,245 @@
+"""Long-video generation: the autoregressive chunk loop as a generator, and the pipeline that owns the models.
+
+T2V, I2V and V2V are one loop; they differ only in the initial memory (spec §2.4). Every random draw comes from one
+CPU torch.Generator seeded with `SamplingOptions.seed`, in the reference's order, so a run equals the reference's
+with `generator=torch.Generator().manual_seed(seed)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .denoise import Cancelled, chunk_schedules, denoise_chunk, guided_velocity
+from .history import History
+from .media import load_image, load_video
+from .model import HeliosTransformer3DModel
+from .options import SamplingOptions, Variant
+from .prompts import as_schedule, scheduled_chunks, text_for_chunk
+from .state import GenerationState, fingerprint
+from .text import TextEncoder
+from .vae import VideoVAE
+from .weights import resolve_directory
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    chunk: int
+    num_chunks: int
+    step: int  # steps done in this chunk
+    steps: int  # steps of this chunk (all stages)
+
+
+@dataclass
+class Chunk:
+    index: int
+    frames: torch.Tensor  # float32 [F, H, W, 3] in [0, 1]; F = 33, fewer for the trimmed last chunk
+    latents: torch.Tensor  # [1, 16, 9, h, w] fp32
+    num_chunks: int
+    timings: dict[str, float]  # denoise_s, decode_s
+    state: GenerationState  # save it to resume after this chunk
+
+
+@dataclass
+class Video:
+    frames: torch.Tensor  # float32 [F, H, W, 3] in [0, 1]
+    latents: torch.Tensor  # [1, 16, T, h, w] all generated latents
+    seed: int
+
+
+@dataclass
+class _Run:
+    """One generation's fixed inputs: options, texts, the memory and the generator."""
+
+    opts: SamplingOptions
+    schedule: list
+    texts: torch.Tensor  # [n_prompts, L, D]
+    negative: torch.Tensor | None
+    history: History
+    generator: torch.Generator
+    seed: int
+    first_chunk: int
+    num_chunks: int
+    fingerprint: str
+
+
+class HeliosPipeline:
+    def __init__(self, transformer: HeliosTransformer3DModel, vae: VideoVAE, text_encoder: TextEncoder, variant: Variant,
+                 folder: Path | None = None):
+        self.transformer, self.vae, self.text_encoder, self.variant = transformer, vae, text_encoder, variant
+        self.folder = folder  # where the components were loaded from, if anywhere
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, torch_dtype=torch.bfloat16, device=None, vae_dtype=torch.float32):
+        """Load a folder laid out like the published repos (model_index.json + one folder per component)."""
+        folder = resolve_directory(path_or_repo_id)
+        missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+        if not (folder / "model_index.json").is_file():
+            missing.insert(0, "model_index.json")
+        if missing:
+            raise FileNotFoundError(f"{folder}: not a complete Helios model folder, missing {', '.join(missing)}")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        variant = Variant.from_folder(folder)
+        transformer = HeliosTransformer3DModel.from_pretrained(folder, "transformer", torch_dtype=torch_dtype, device=device)
+        vae = VideoVAE.from_pretrained(folder / "vae", dtype=vae_dtype, device=device)
+        text_encoder = TextEncoder.from_pretrained(folder, dtype=torch_dtype, device=device)
+        return cls(transformer, vae, text_encoder, variant, folder)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    def generate(self, prompt, opts: SamplingOptions = SamplingOptions(), **kwargs) -> Video:
+        """The whole video (the chunks of `stream`, concatenated)."""
+        chunks = list(self.stream(prompt, opts, **kwargs))
+        if not chunks:
+            raise Cancelled("generation was cancelled before the first chunk finished")
+        return Video(torch.cat([c.frames for c in chunks]), torch.cat([c.latents for c in chunks], dim=2),
+                     chunks[0].state.seed)
+
+    def stream(self, prompt, opts: SamplingOptions = SamplingOptions(), negative_prompt: str | None = None,
+               image=None, video=None, resume: GenerationState | str | Path | None = None,
+               on_step: Callable[[StepInfo], bool | None] | None = None) -> Iterator[Chunk]:
+        """Yield each chunk as soon as it is decoded. Stop iterating to cancel between chunks; return True from
+        on_step to cancel between denoising steps (the stream then ends without a partial chunk).
+
+        Inputs are checked here, when stream() is called, not when the first chunk is asked for."""
+        run = self._prepare(prompt, opts, negative_prompt, image, video, resume)
+        return self._chunks(run, on_step)
+
+    def _chunks(self, run: _Run, on_step) -> Iterator[Chunk]:
+        for k in range(run.first_chunk, run.num_chunks):
+            try:
+                yield self._chunk(run, k, on_step)
+            except Cancelled:
+                return
+
+    # -- preparation: everything is checked before the first model call ----------------------------------------
+
+    def _prepare(self, prompt, opts, negative_prompt, image, video, resume) -> _Run:
+        opts = opts.resolve(self.variant)
+        schedule = as_schedule(prompt)
+        if image is not None and video is not None:
+            raise ValueError("pass either image= (image-to-video) or video= (video-to-video), not both")
+        mode = "i2v" if image is not None else "v2v" if video is not None else "t2v"
+        if isinstance(resume, (str, Path)):
+            resume = GenerationState.load(resume, self.device)
+        pixels = None
+        if resume is None and mode == "i2v":
+            pixels = self.vae.preprocess(load_image(image), opts.height, opts.width)
+        elif resume is None and mode == "v2v":
+            pixels = self.vae.preprocess(load_video(video, min_frames=opts.window_frames), opts.height, opts.width)
+        num_chunks = max(opts.num_chunks, scheduled_chunks(schedule) if len(schedule) > 1 else 1)
+        if opts.seed is not None:
+            seed = opts.seed
+        else:  # a resumed run continues with its own seed; a new one draws one and reports it
+            seed = resume.seed if resume is not None else random.SystemRandom().randrange(2**63)
+        settings = dataclasses.asdict(dataclasses.replace(opts, seed=seed))
+        # The conditioning image/video is not part of it: a resumed run finds it in the saved memory.
+        digest = fingerprint(variant=self.variant.name, opts=settings, schedule=schedule, negative=negative_prompt)
+        if resume is not None and resume.fingerprint != digest:
+            raise ValueError("resume: the saved state was made with other settings (prompt, options, seed or model)")
+
+        do_cfg = opts.guidance_scale > 1.0
+        texts = self._encode_texts([p for p, _ in schedule] + ([negative_prompt or ""] if do_cfg else []), opts)
+        texts, negative = (texts[:-1], texts[-1:]) if do_cfg else (texts, None)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        if resume is not None:
+            generator.set_state(resume.rng_state)
+            history, first = resume.history, resume.next_chunk
+        else:
+            history, first = self._initial_history(opts, pixels, mode, generator), 0
+        return _Run(opts, schedule, texts, negative, history, generator, seed, first, num_chunks, digest)
+
+    @torch.inference_mode()
+    def _encode_texts(self, prompts: list[str], opts: SamplingOptions) -> torch.Tensor:
+        return self.text_encoder.encode(prompts, opts.max_sequence_length).to(self.device, self.transformer.dtype)
+
+    @torch.inference_mode()
+    def _initial_history(self, opts: SamplingOptions, pixels, mode: str, generator: torch.Generator) -> History:
+        h, w = opts.height // 8, opts.width // 8
+        history = History.empty(1, self.transformer.config.in_channels, h, w, opts.history_sizes,
+                                opts.keep_first_frame, device=self.device)
+        if mode == "i2v":
+            history.anchor, fake = self._image_latents(pixels, opts, generator)
+            history.latents[:, :, -1:] = fake
+        elif mode == "v2v":
+            history.anchor, latents = self._video_latents(pixels, opts, generator)
+            history.append(latents)
+        return history
+
+    def _image_latents(self, pixels, opts, generator):
+        """I2V (spec §2.4): the image's latent is the anchor; the last latent of a still clip joins the memory."""
+        anchor = self.vae.encode(pixels, generator)  # pixels [1, 3, 1, H, W]
+        fake = self.vae.encode(pixels.repeat(1, 1, opts.window_frames, 1, 1), generator)[:, :, -1:]
+        if opts.add_noise_to_image_latents:
+            anchor = _noised(anchor, opts.image_noise_sigma_min, opts.image_noise_sigma_max, 1, generator)
+            fake = _noised(fake, opts.video_noise_sigma_min, opts.video_noise_sigma_max, 1, generator)
+        return anchor, fake
+
+    def _video_latents(self, pixels, opts, generator):
+        """V2V (spec §2.4): anchor = first frame; the last whole 33-frame windows, encoded one by one, are the memory."""
+        window = opts.window_frames
+        usable = pixels.shape[2] // window * window
+        anchor = self.vae.encode(pixels[:, :, :1], generator)
+        tail = pixels[:, :, pixels.shape[2] - usable :]
+        pieces = [self.vae.encode(tail[:, :, i : i + window], generator) for i in range(0, usable, window)]
+        if opts.add_noise_to_video_latents:
+            anchor = _noised(anchor, opts.image_noise_sigma_min, opts.image_noise_sigma_max, 1, generator)
+            lo, hi = opts.video_noise_sigma_min, opts.video_noise_sigma_max
+            pieces = [_noised(p, lo, hi, p.shape[2], generator) for p in pieces]
+        return anchor, torch.cat(pieces, dim=2)
+
+    # -- one chunk ---------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _chunk(self, run: _Run, k: int, on_step) -> Chunk:
+        opts, history, model = run.opts, run.history, self.transformer
+        start = time.perf_counter()
+        text = text_for_chunk(run.texts, run.schedule, k, opts.interpolation_steps)
+        latent_hw = (opts.height // 8, opts.width // 8)
+        noise = torch.randn(1, model.config.in_channels, opts.num_latent_frames_per_chunk, *latent_hw,
+                            generator=run.generator).to(self.device)
+        schedules = chunk_schedules(self.variant, opts, latent_hw, k == 0, model.config.patch_size)
+        memory = {**history.terms(model.dtype), **history.indices(opts.num_latent_frames_per_chunk)}
+
+        def transformer(x, t, context):
+            return model(x, t, context, **memory, return_dict=False)[0]
+
+        velocity = guided_velocity(transformer, text, run.negative, self.variant, opts)
+        total, done = sum(len(s) for s in schedules), iter(range(1, 1 + sum(len(s) for s in schedules)))
+        step_hook = None if on_step is None else (lambda: bool(on_step(StepInfo(k, run.num_chunks, next(done), total))))
+        latents = denoise_chunk(velocity, noise, schedules, self.variant, run.generator, model.dtype, step_hook)
+        latents = latents.float()
+
+        if opts.keep_first_frame and ((k == 0 and history.anchor is None) or (opts.is_skip_first_chunk and k == 1)):
+            history.anchor = latents[:, :, :1]
+        history.append(latents)
+        denoised = time.perf_counter()
+        frames = self.vae.postprocess(self.vae.decode(latents))[: self._frames_to_keep(run, k)]
+        state = GenerationState(dataclasses.replace(history), run.generator.get_state(), k + 1, run.seed, run.fingerprint)
+        timings = {"denoise_s": denoised - start, "decode_s": time.perf_counter() - denoised}
+        return Chunk(k, frames, latents, run.num_chunks, timings, state)
+
+    @staticmethod
+    def _frames_to_keep(run: _Run, k: int) -> int:
+        """The video is trimmed to 4n + 1 frames at the end (the Wan VAE's frame count): only the last chunk loses frames."""
+        window = run.opts.window_frames
+        total = (window * run.num_chunks - 1) // 4 * 4 + 1
+        return min(window, total - window * k)
+
+
+def _noised(latents, sigma_min, sigma_max, frames, generator):
+    """sigma * eps + (1 - sigma) * latents with sigma ~ U[min, max], one per latent frame (the reference's draw order)."""
+    sigma = torch.rand(frames, generator=generator) * (sigma_max - sigma_min) + sigma_min
+    sigma = sigma.view(1, 1, frames, 1, 1).to(latents.device)
+    eps = torch.randn(latents.shape, generator=generator).to(latents.device)
+    return sigma * eps + (1 - sigma) * latents
