@@ -253,6 +253,17 @@ def offline_hub(tmp_path_factory, monkeypatch):
     return cache
 
 
+def fake_hub_snapshot(cache: Path, repo_id: str) -> Path:
+    """A snapshot folder in the Hugging Face cache layout (refs/main -> snapshots/<commit>), for offline loading."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    return snapshot
+
+
 @contextmanager
 def capture_messages(caplog):
     """Collects warning messages from both `warnings.warn` and `logging` (either is a valid way to warn)."""

@@ -195,6 +195,19 @@ def test_base_size_rule_is_16(tmp_path):
         next(base.stream("x", SamplingOptions(height=72, width=W, num_frames=33, num_inference_steps=1)))
 
 
+def test_pipeline_loads_by_hub_id_from_the_offline_cache(folder, offline_hub):
+    import shutil
+
+    from conftest import fake_hub_snapshot
+
+    shutil.copytree(folder, fake_hub_snapshot(offline_hub, "tiny-org/helios-tiny"), dirs_exist_ok=True)
+    by_id = HeliosPipeline.from_pretrained("tiny-org/helios-tiny", torch_dtype=torch.float32, device="cpu")
+    assert by_id.variant.name == "distilled"
+    opts = SamplingOptions(num_frames=33, **FAST)
+    by_path = HeliosPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu")
+    assert torch.equal(by_id.generate("x", opts).frames, by_path.generate("x", opts).frames)
+
+
 def test_folder_missing_a_component_names_it(folder, tmp_path):
     import shutil
 

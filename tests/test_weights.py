@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    fake_hub_snapshot,
     ReferenceModel,
     assert_same_state,
     capture_messages,
@@ -285,16 +286,6 @@ def test_missing_subfolder_is_named(tmp_path):
 # the resolver does not require).
 
 REPO_ID = "tiny-org/tiny-helios"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def _fake_cache_snapshot(cache: Path, repo_id: str = REPO_ID) -> Path:
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(COMMIT)
-    snapshot = repo / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True)
-    return snapshot
 
 
 @pytest.mark.parametrize("subfolder", [None, "transformer"])
@@ -302,7 +293,7 @@ def _fake_cache_snapshot(cache: Path, repo_id: str = REPO_ID) -> Path:
 def test_hub_id_resolves_from_offline_cache(subfolder, max_shard_size, offline_hub):
     config = tiny_config()
     model = _random_ours(config)
-    snapshot = _fake_cache_snapshot(offline_hub)
+    snapshot = fake_hub_snapshot(offline_hub, REPO_ID)
     _save(model, snapshot / (subfolder or ""), max_shard_size)
     if subfolder:  # other pipeline components beside it must not be needed
         (snapshot / "scheduler").mkdir()
