@@ -28,6 +28,7 @@ from .layers import (
     pad_replicate,
     pool_rope,
     rope_grid,
+    rope_to_complex,
 )
 
 # The multi-term memory, in sequence order. `factor` is how many patches per axis one memory token covers.
@@ -122,7 +123,7 @@ class HeliosTransformer3DModel(nn.Module):
             tokens.insert(0, grid_to_tokens(embedded))
             ropes.insert(0, grid_to_tokens(self._rope(indices, batch, h1, w1, factor)))
         h = torch.cat(tokens, dim=1).contiguous()  # [B, L, D]
-        cos, sin = torch.cat(ropes, dim=1).unsqueeze(2).chunk(2, dim=-1)  # [B, L, 1, head_dim/2] each
+        rope = rope_to_complex(torch.cat(ropes, dim=1))  # [B, L, 1, head_dim/2] cos + i sin
         n_cur = frames * height * width
         n_hist = h.shape[1] - n_cur
 
@@ -133,10 +134,10 @@ class HeliosTransformer3DModel(nn.Module):
             _, proj_t0 = self.condition_embedder.embed_time(torch.zeros(1, device=timestep.device), dtype)
             spans, projs = [slice(0, n_hist), slice(n_hist, None)], [proj_t0, proj]
 
-        for block in self.blocks:
-            h = block(h, text, spans, projs, (cos, sin), n_hist)
+        for i, block in enumerate(self.blocks):
+            h = block(h, text, spans, projs, rope, n_hist, last=i == len(self.blocks) - 1)  # last: current tokens only
 
-        out = self.proj_out(self.norm_out(h[:, n_hist:], temb))  # [B, n_cur, pt*ph*pw*C]
+        out = self.proj_out(self.norm_out(h, temb))  # [B, n_cur, pt*ph*pw*C]
         out = out.reshape(batch, frames, height, width, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         out = out.reshape(batch, out.shape[1], frames * pt, height * ph, width * pw)
         return TransformerOutput(sample=out) if return_dict else (out,)
