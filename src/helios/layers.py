@@ -8,12 +8,15 @@ modulation, residual adds and the rotary tables run in fp32 ("fp32 islands"), ma
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Span = slice  # a contiguous run of tokens sharing one timestep: history tokens, then current tokens
 
@@ -93,6 +96,21 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * freqs).flatten(-2).to(x.dtype)
 
 
+@functools.lru_cache(maxsize=16)
+def rope_table(terms: tuple, rope_dim: tuple[int, int, int], theta: float, device: str) -> torch.Tensor:
+    """The complex rotary table [B, L, 1, head_dim/2] of a whole token sequence, cached.
+
+    terms: one (frame indices as a tuple of B tuples, height, width, pool factor) per part of the sequence, in order.
+    The key is made of values, never of tensor identities, so equal layouts (every step of a chunk) share one table.
+    """
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable inside and outside inference mode
+        tables = []
+        for indices, height, width, factor in terms:
+            frames = torch.tensor(indices, dtype=torch.float32, device=device)
+            tables.append(grid_to_tokens(pool_rope(rope_grid(frames, height, width, rope_dim, theta), factor)))
+        return rope_to_complex(torch.cat(tables, dim=1))
+
+
 def rope_to_complex(grid_tokens: torch.Tensor) -> torch.Tensor:
     """[B, L, head_dim] token table of [cos | sin] values -> complex64 [B, L, 1, head_dim/2] for apply_rope."""
     cos, sin = grid_tokens.chunk(2, dim=-1)
@@ -102,16 +120,26 @@ def rope_to_complex(grid_tokens: torch.Tensor) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim with fp32 statistics, in three passes (torch's CPU composite takes six)."""
     xf = x.float()
-    mean_square = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1])
-    return (xf * torch.rsqrt(mean_square.add_(eps))).mul_(weight.float()).to(x.dtype)
+    mean_square = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / x.shape[-1]
+    return (xf * torch.rsqrt(mean_square + eps) * weight.float()).to(x.dtype)
+
+
+# scaled_dot_product_attention kernels to prefer per device type, fastest first; torch falls through to the next
+# when one can't take the inputs (dtype, head dim). On Hopper, cuDNN's fused attention leads for bf16.
+SDPA_BACKENDS = {
+    "cuda": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    "cpu": [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
+}
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Full bidirectional attention. q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H*D].
 
-    The single place attention is computed, so that backends and parallelism can be chosen here later.
+    The single place attention is computed, so that backends and parallelism are chosen here.
     """
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    backends = SDPA_BACKENDS.get(q.device.type)
+    with sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).flatten(2)
 
 

@@ -20,16 +20,7 @@ import torch
 from torch import nn
 
 from .config import HeliosConfig
-from .layers import (
-    ConditionEmbedder,
-    OutputNorm,
-    TransformerBlock,
-    grid_to_tokens,
-    pad_replicate,
-    pool_rope,
-    rope_grid,
-    rope_to_complex,
-)
+from .layers import ConditionEmbedder, OutputNorm, TransformerBlock, grid_to_tokens, pad_replicate, rope_table
 
 # The multi-term memory, in sequence order. `factor` is how many patches per axis one memory token covers.
 MEMORY_TERMS = (("long", 4), ("mid", 2), ("short", 1))
@@ -110,9 +101,9 @@ class HeliosTransformer3DModel(nn.Module):
         current = self.patch_embedding(hidden_states.to(dtype))  # [B, D, T', H', W']
         frames, height, width = current.shape[2:]
         if indices_hidden_states is None:
-            indices_hidden_states = torch.arange(frames, device=current.device)
+            indices_hidden_states = torch.arange(frames)
         tokens = [grid_to_tokens(current)]
-        ropes = [grid_to_tokens(self._rope(indices_hidden_states, batch, height, width, 1))]
+        rope_terms = [(self._index_rows(indices_hidden_states, batch), height, width, 1)]
         for name, factor in reversed(MEMORY_TERMS):  # short, mid, long: each is prepended
             latents, indices = history[name]
             if latents is None:
@@ -121,9 +112,10 @@ class HeliosTransformer3DModel(nn.Module):
             embedded = getattr(self, f"patch_{name}")(pad_replicate(latents.to(dtype), kernel))
             h1, w1 = latents.shape[-2] // ph, latents.shape[-1] // pw  # the memory's grid at patch resolution
             tokens.insert(0, grid_to_tokens(embedded))
-            ropes.insert(0, grid_to_tokens(self._rope(indices, batch, h1, w1, factor)))
+            rope_terms.insert(0, (self._index_rows(indices, batch), h1, w1, factor))
         h = torch.cat(tokens, dim=1).contiguous()  # [B, L, D]
-        rope = rope_to_complex(torch.cat(ropes, dim=1))  # [B, L, 1, head_dim/2] cos + i sin
+        cfg = self.config
+        rope = rope_table(tuple(rope_terms), cfg.rope_dim, cfg.rope_theta, str(h.device))  # [B, L, 1, head_dim/2]
         n_cur = frames * height * width
         n_hist = h.shape[1] - n_cur
 
@@ -142,12 +134,11 @@ class HeliosTransformer3DModel(nn.Module):
         out = out.reshape(batch, out.shape[1], frames * pt, height * ph, width * pw)
         return TransformerOutput(sample=out) if return_dict else (out,)
 
-    def _rope(self, indices, batch: int, height: int, width: int, factor: int) -> torch.Tensor:
-        """Rotary table [B, head_dim, T', H', W'] for frame indices on a height x width patch grid, pooled by factor."""
-        indices = torch.as_tensor(indices, device=self.device)
-        indices = indices.reshape(-1, indices.shape[-1]).expand(batch, -1)
-        grid = rope_grid(indices, height, width, self.config.rope_dim, self.config.rope_theta)
-        return pool_rope(grid, factor)
+    @staticmethod
+    def _index_rows(indices, batch: int) -> tuple:
+        """Frame indices ([T] or [1 or B, T]) as B tuples of floats: the rotary table's cache key is made of values."""
+        rows = torch.as_tensor(indices).reshape(-1, torch.as_tensor(indices).shape[-1]).float().tolist()
+        return tuple(tuple(r) for r in (rows * batch if len(rows) == 1 else rows))
 
 
 def check_attention_kwargs(attention_kwargs) -> None:

@@ -1,0 +1,337 @@
+"""Side-by-side benchmarks against the reference (diffusers 0.42.1): transformer forward, whole pipeline, loading.
+
+    python -m helios.bench transformer [--height 192 --width 320 --layers 4 ...]
+    python -m helios.bench pipeline [--variant base]
+    python -m helios.bench load [--layers 6]
+
+The reference is the oracle of the test suite (`pip install -e ".[test]"`); this module is the only one of the
+package that imports it, for comparison. Runs alternate A B A B and report medians and the ratio ours / reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .config import HeliosConfig
+from .history import History
+from .model import HeliosTransformer3DModel
+
+
+def reference_module():
+    try:
+        import diffusers
+    except ImportError as err:  # the test extra installs it
+        raise SystemExit('the benchmarks compare with diffusers 0.42.1: pip install -e ".[test]"') from err
+    return diffusers
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+# -- transformer ----------------------------------------------------------------------------------------------------
+
+
+def transformer_config(args) -> HeliosConfig:
+    d = args.head_dim
+    spatial = 2 * (d // 6)  # Wan's split of the head dim over (t, y, x): 128 -> (44, 42, 42)
+    return HeliosConfig(num_attention_heads=args.heads, attention_head_dim=d, ffn_dim=args.ffn,
+                        num_layers=args.layers, text_dim=args.text_dim, rope_dim=(d - 2 * spatial, spatial, spatial))
+
+
+def helios_inputs(cfg: HeliosConfig, args, device, dtype) -> dict:
+    """One denoising forward at Helios's real layout: 9 current latents + the 16/2/1 memory with its indices."""
+    g = torch.Generator().manual_seed(0)
+    h, w = args.height // 8, args.width // 8
+    hh, hw = (args.history_height or args.height) // 8, (args.history_width or args.width) // 8
+    memory = History.empty(1, cfg.in_channels, hh, hw)
+    memory.latents = torch.randn(memory.latents.shape, generator=g)
+    memory.anchor = torch.randn(1, cfg.in_channels, 1, hh, hw, generator=g)
+    inputs = {**memory.terms(dtype), **memory.indices(9)}
+    inputs.update(hidden_states=torch.randn(1, cfg.in_channels, 9, h, w, generator=g).to(dtype),
+                  timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, args.text_len, cfg.text_dim, generator=g).to(dtype))
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def token_counts(cfg: HeliosConfig, inputs: dict) -> tuple[int, int]:
+    _, _, t, h, w = inputs["hidden_states"].shape
+    cur = t * h * w // 4
+    hist = 0
+    for name, factor in (("short", 1), ("mid", 2), ("long", 4)):
+        _, _, ft, fh, fw = inputs[f"latents_history_{name}"].shape
+        hist += -(-ft // factor) * -(-fh // (2 * factor)) * -(-fw // (2 * factor))
+    return cur, hist
+
+
+def forward_flops(cfg: HeliosConfig, n_cur: int, n_hist: int, text_len: int) -> float:
+    """FLOPs of one forward (spec §5.2): linear layers, self- and cross-attention; 2 FLOPs per multiply-add."""
+    n, d, f = n_cur + n_hist, cfg.inner_dim, cfg.ffn_dim
+    per_layer = 2 * n * 4 * d * d + 2 * n * 2 * d * f + 2 * n_cur * 2 * d * d + 2 * text_len * 2 * d * d
+    per_layer += 4 * n * n * d + 4 * n_cur * text_len * d
+    return cfg.num_layers * per_layer
+
+
+def build_pair(cfg: HeliosConfig, device, dtype):
+    """The reference with random weights, and ours holding the same weights."""
+    diffusers = reference_module()
+    torch.manual_seed(0)
+    ref = diffusers.HeliosTransformer3DModel(**cfg.to_dict()).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.02)
+    ours = HeliosTransformer3DModel(cfg).eval()
+    ours.load_state_dict(ref.state_dict())
+    return ref.to(device, dtype), ours.to(device, dtype)
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def alternate(fns: dict, runs: int, device) -> dict:
+    """Warm each up once, then time A B A B ...; returns name -> list of seconds."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return times
+
+
+def cuda_peak(fn) -> float:
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def bench_transformer(args) -> dict:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    cfg = transformer_config(args)
+    ref, ours = build_pair(cfg, device, dtype)
+    if args.compile:
+        from .speed import compile_blocks
+
+        compile_blocks(ours)
+    inputs = helios_inputs(cfg, args, device, dtype)
+    n_cur, n_hist = token_counts(cfg, inputs)
+    results = {}
+
+    def run(model, name):
+        def fn():
+            with torch.inference_mode():
+                results[name] = model(**inputs).sample
+        return fn
+
+    fns = {"ours": run(ours, "ours"), "reference": run(ref, "reference")}
+    times = alternate(fns, args.runs, device)
+    out = {"machine": machine(), "config": cfg.to_dict(), "dtype": args.dtype, "compile": args.compile,
+           "tokens": {"current": n_cur, "history": n_hist, "text": args.text_len}}
+    flops = forward_flops(cfg, n_cur, n_hist, args.text_len)
+    for name, t in times.items():
+        out[name] = {"median_s": statistics.median(t), "runs_s": t, "tflops": flops / statistics.median(t) / 1e12}
+        if device.type == "cuda":
+            out[name]["peak_gib"] = cuda_peak(fns[name])
+    out["ratio"] = out["ours"]["median_s"] / out["reference"]["median_s"]
+    a, b = results["ours"].float(), results["reference"].float()
+    out["max_rel_diff"] = ((a - b).abs().max() / b.abs().max()).item()
+    if device.type == "cpu" and args.memory:
+        out.update(cpu_forward_peaks(args))
+    return out
+
+
+def cpu_forward_peaks(args) -> dict:
+    """Peak RSS added by one forward, each implementation in its own process (RSS peaks can't be told apart in one)."""
+    peaks = {}
+    for impl in ("ours", "reference"):
+        cmd = [sys.executable, "-m", "helios.bench", *args.argv, "--peak-of", impl]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        peaks[impl] = json.loads(result.stdout.strip().splitlines()[-1])["forward_peak_gib"]
+    return {"cpu_forward_peak_gib": peaks}
+
+
+def forward_peak(args) -> None:
+    device, dtype = torch.device("cpu"), getattr(torch, args.dtype)
+    cfg = transformer_config(args)
+    ref, ours = build_pair(cfg, device, dtype)
+    model = ours if args.peak_of == "ours" else ref
+    inputs = helios_inputs(cfg, args, device, dtype)
+    base = _rss_now()
+    with torch.inference_mode():
+        model(**inputs)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"forward_peak_gib": (peak - base) / 2**30}))
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# -- pipeline -------------------------------------------------------------------------------------------------------
+
+
+def bench_pipeline(args) -> dict:
+    from .generate import HeliosPipeline
+    from .options import SamplingOptions
+    from .tiny import build_tiny_model
+
+    diffusers = reference_module()
+    folder = build_tiny_model(Path(tempfile.mkdtemp(prefix="helios-bench-")) / args.variant, variant=args.variant)
+    if args.variant != "base":  # the reference's fp32 Cholesky of the gamma = 1/3 block covariance fails on CPU
+        cfg_path = folder / "scheduler" / "scheduler_config.json"
+        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "gamma": 0.25}))
+    ours = HeliosPipeline.from_pretrained(folder, torch_dtype=torch.float32, device=args.device)
+    ref_cls = diffusers.HeliosPipeline if args.variant == "base" else diffusers.HeliosPyramidPipeline
+    ref = ref_cls.from_pretrained(folder).to(args.device)
+    ref.set_progress_bar_config(disable=True)
+    ref.transformer.register_forward_hook(lambda m, a, out: tuple(o.contiguous() for o in out))
+    steps = dict(num_inference_steps=args.steps) if args.variant == "base" else dict(
+        pyramid_num_inference_steps_list=[args.steps] * 3)
+    shared = dict(height=args.height, width=args.width, num_frames=args.num_frames, guidance_scale=args.guidance)
+    opts = SamplingOptions(seed=0, is_amplify_first_chunk=False, **shared,
+                           **{k: tuple(v) if isinstance(v, list) else v for k, v in steps.items()})
+    results = {}
+
+    def run_ours():
+        results["ours"] = ours.generate(args.prompt, opts).frames
+
+    def run_ref():
+        frames = ref(args.prompt, **shared, **steps, generator=torch.Generator().manual_seed(0), output_type="np")
+        results["reference"] = torch.from_numpy(frames.frames[0])
+
+    times = alternate({"ours": run_ours, "reference": run_ref}, args.runs, torch.device(args.device))
+    out = {"machine": machine(), "variant": args.variant, "settings": {**shared, **steps}}
+    for name, t in times.items():
+        out[name] = {"median_s": statistics.median(t), "runs_s": t}
+    out["ratio"] = out["ours"]["median_s"] / out["reference"]["median_s"]
+    out["max_abs_frame_diff"] = (results["ours"] - results["reference"]).abs().max().item()
+    return out
+
+
+# -- loading --------------------------------------------------------------------------------------------------------
+
+
+def bench_load(args) -> dict:
+    folder = Path(tempfile.mkdtemp(prefix="helios-load-"))
+    cfg = HeliosConfig(num_attention_heads=args.heads, attention_head_dim=128, ffn_dim=args.ffn, num_layers=args.layers)
+    torch.manual_seed(0)
+    HeliosTransformer3DModel(cfg).to(torch.bfloat16).save_pretrained(folder, max_shard_size=args.shard_size)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    runs = {"ours": [], "reference": []}
+    for _ in range(args.runs):
+        for impl in runs:
+            cmd = [sys.executable, "-m", "helios.bench", "_load", impl, str(folder)]
+            runs[impl].append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout))
+    out = {"machine": machine(), "checkpoint_gib": size / 2**30, "shards": len(list(folder.glob("*.safetensors")))}
+    for impl, rows in runs.items():
+        out[impl] = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+        out[impl]["peak_added_x_checkpoint"] = out[impl].pop("peak_added_bytes") / size
+    out["load_ratio"] = out["ours"]["load_s"] / out["reference"]["load_s"]
+    return out
+
+
+def load_once(impl: str, folder: str) -> None:
+    """In a fresh process: load with torch_dtype=bf16, read every weight once (mmap pages are faulted in lazily)."""
+    cls = HeliosTransformer3DModel if impl == "ours" else reference_module().HeliosTransformer3DModel
+    base = _rss_now()
+    start = time.perf_counter()
+    model = cls.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    loaded = time.perf_counter() - start
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sum()
+    used = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"load_s": loaded, "load_and_read_s": used, "peak_added_bytes": peak - base}))
+
+
+# -- command line ---------------------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m helios.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("transformer", help="one forward at Helios's token layout, ours vs the reference")
+    t.add_argument("--height", type=int, default=192, help="pixels of the current chunk (default 192)")
+    t.add_argument("--width", type=int, default=320)
+    t.add_argument("--history-height", type=int, help="pixels of the memory (default: --height; pyramid stages "
+                   "run the current chunk at 1/2 or 1/4 of the memory's size)")
+    t.add_argument("--history-width", type=int)
+    t.add_argument("--layers", type=int, default=4)
+    t.add_argument("--heads", type=int, default=12)
+    t.add_argument("--head-dim", type=int, default=64)
+    t.add_argument("--ffn", type=int, default=3072)
+    t.add_argument("--text-dim", type=int, default=4096)
+    t.add_argument("--text-len", type=int, default=512)
+    t.add_argument("--runs", type=int, default=5)
+    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--compile", action="store_true", help="torch.compile our repeated blocks")
+    t.add_argument("--memory", action="store_true", help="CPU: also measure each forward's peak RSS (subprocesses)")
+    t.add_argument("--peak-of", choices=["ours", "reference"], help=argparse.SUPPRESS)  # internal: --memory
+    pl = sub.add_parser("pipeline", help="a whole tiny generation, ours vs the reference pipeline")
+    pl.add_argument("--variant", default="base", choices=["base", "mid", "distilled"])
+    pl.add_argument("--height", type=int, default=64)
+    pl.add_argument("--width", type=int, default=128)
+    pl.add_argument("--num-frames", type=int, default=66)
+    pl.add_argument("--steps", type=int, default=4)
+    pl.add_argument("--guidance", type=float, default=5.0)
+    pl.add_argument("--prompt", default="a red fox runs through fresh snow")
+    pl.add_argument("--runs", type=int, default=3)
+    pl.add_argument("--device", default="cpu")
+    lo = sub.add_parser("load", help="from_pretrained(torch_dtype=bf16) of a sharded bf16 checkpoint: peak RSS, time")
+    lo.add_argument("--layers", type=int, default=6)
+    lo.add_argument("--heads", type=int, default=16)
+    lo.add_argument("--ffn", type=int, default=8192)
+    lo.add_argument("--shard-size", default="300MB")
+    lo.add_argument("--runs", type=int, default=3)
+    ld = sub.add_parser("_load", add_help=False)
+    ld.add_argument("impl")
+    ld.add_argument("folder")
+    return p
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
+    args.argv = argv
+    if getattr(args, "peak_of", None):
+        return forward_peak(args)
+    if args.command == "_load":
+        return load_once(args.impl, args.folder)
+    result = {"transformer": bench_transformer, "pipeline": bench_pipeline, "load": bench_load}[args.command](args)
+    print(json.dumps(result, indent=2))
+    summary = result.get("ratio", result.get("load_ratio"))
+    print(f"ratio ours / reference: {summary:.3f}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
