@@ -123,6 +123,16 @@ def test_resume_after_a_chunk_gives_the_uninterrupted_frames(pipe, tmp_path, con
         assert torch.equal(a.frames, b.frames) and torch.equal(a.latents, b.latents)
 
 
+def test_resuming_from_a_state_object_leaves_it_intact(pipe):
+    opts = SamplingOptions(num_frames=99, **FAST)
+    state = next(pipe.stream("a fox", opts)).state
+    latents = state.history.latents.clone()
+    first = [c.frames for c in pipe.stream("a fox", opts, resume=state)]
+    second = [c.frames for c in pipe.stream("a fox", opts, resume=state)]  # the run must not have advanced `state`
+    assert len(first) == 2 and all(torch.equal(a, b) for a, b in zip(first, second))
+    assert torch.equal(state.history.latents, latents)
+
+
 def test_resume_with_other_settings_is_refused(pipe, tmp_path):
     chunk = next(pipe.stream("a fox", SamplingOptions(num_frames=66, **FAST)))
     chunk.state.save(tmp_path / "s")

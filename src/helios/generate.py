@@ -137,7 +137,7 @@ class HeliosPipeline:
             pixels = self.vae.preprocess(load_image(image), opts.height, opts.width)
         elif resume is None and mode == "v2v":
             pixels = self.vae.preprocess(load_video(video, min_frames=opts.window_frames), opts.height, opts.width)
-        num_chunks = max(opts.num_chunks, scheduled_chunks(schedule) if len(schedule) > 1 else 1)
+        num_chunks, _ = planned_length(opts, schedule)
         if opts.seed is not None:
             seed = opts.seed
         else:  # a resumed run continues with its own seed; a new one draws one and reports it
@@ -154,7 +154,8 @@ class HeliosPipeline:
         generator = torch.Generator("cpu").manual_seed(seed)
         if resume is not None:
             generator.set_state(resume.rng_state)
-            history, first = resume.history, resume.next_chunk
+            # A copy on this pipeline's device: the run appends to its history, and the caller's state stays intact.
+            history, first = History.from_state_dict(resume.history.state_dict(), self.device), resume.next_chunk
         else:
             history, first = self._initial_history(opts, pixels, mode, generator), 0
         return _Run(opts, schedule, texts, negative, history, generator, seed, first, num_chunks, digest)
@@ -232,9 +233,16 @@ class HeliosPipeline:
     @staticmethod
     def _frames_to_keep(run: _Run, k: int) -> int:
         """The video is trimmed to 4n + 1 frames at the end (the Wan VAE's frame count): only the last chunk loses frames."""
-        window = run.opts.window_frames
-        total = (window * run.num_chunks - 1) // 4 * 4 + 1
-        return min(window, total - window * k)
+        _, total = planned_length(run.opts, run.schedule)
+        return min(run.opts.window_frames, total - run.opts.window_frames * k)
+
+
+def planned_length(opts: SamplingOptions, prompt) -> tuple[int, int]:
+    """(chunks, frames) of the video `stream` makes with resolved `opts`: at least one chunk per scheduled chunk,
+    and 33 frames per chunk trimmed to 4n + 1 at the end."""
+    schedule = as_schedule(prompt)
+    chunks = max(opts.num_chunks, scheduled_chunks(schedule) if len(schedule) > 1 else 1)
+    return chunks, (opts.window_frames * chunks - 1) // 4 * 4 + 1
 
 
 def _noised(latents, sigma_min, sigma_max, frames, generator):

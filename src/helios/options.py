@@ -27,6 +27,14 @@ VARIANT_DEFAULTS = {
     ),
 }
 
+# The negative prompt of the official inference script and docs (spec §4); the pipelines themselves default to "".
+DEFAULT_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, overall "
+    "gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly drawn hands, "
+    "poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy background, three "
+    "legs, many people in the background, walking backwards"
+)
+
 
 @dataclass(frozen=True)
 class Variant:

@@ -1,0 +1,237 @@
+"""The `helios` command: generate videos to files, and inspect models.
+
+A thin consumer of generate.py. It checks what it can before loading anything heavy (paths, the model name, sizes),
+then writes the pipeline's chunks to a video file as they arrive (video_io.py) while reporting progress
+(progress.py). Errors are one line on stderr: exit code 2 for bad input, 1 for other failures, 130 for Ctrl-C;
+--debug shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .catalog import BUILTIN_MODELS, PUBLISHED
+
+EXAMPLES = f"""
+examples:
+  # a first run, anywhere (CPU, seconds): a tiny random model, so the video is noise
+  helios generate --model helios-tiny --prompt "a red fox running through fresh snow" --output fox.mp4
+
+  # the published 14B model (GPU): 240 frames ask for 8 chunks of 33, so 261 frames (10.9 s at 24 fps)
+  helios generate --model {PUBLISHED[2]} --prompt "a red fox running through fresh snow" \\
+      --num-frames 240 --output fox.mp4
+
+  # image-to-video, video-to-video
+  helios generate --model {PUBLISHED[2]} --prompt "..." --image first_frame.png --output i2v.mp4
+  helios generate --model {PUBLISHED[2]} --prompt "..." --video clip.mp4 --output v2v.mp4
+
+  # a long, interactive video: prompts change on a schedule (lines of n_chunks<TAB>prompt, or a CSV)
+  helios generate --model {PUBLISHED[2]} --prompt-schedule story.tsv --state story.state --output story.mp4
+  # ... interrupted? The same command with --resume continues it (story.partial.mp4 holds what is done)
+  helios generate --model {PUBLISHED[2]} --prompt-schedule story.tsv --resume story.state --output story.mp4
+
+  helios info {PUBLISHED[2]}
+
+built-in models: {", ".join(BUILTIN_MODELS)} (tiny random weights; no download)
+"""
+BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class GenerationFailed(RuntimeError):
+    """A failure after generation started (not bad input): exit code 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage is one --help away."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"helios: error: {message} (see: {self.prog} --help)\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda message, *_, **__: f"helios: warning: {message}\n"
+    if getattr(args, "quiet", False):
+        warnings.simplefilter("ignore")
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("helios: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"helios: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT if isinstance(err, BAD_INPUT) else EXIT_FAILURE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="helios", description="Helios: long videos from text, an image or a video.",
+                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"helios {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(metavar="COMMAND", required=True, parser_class=_Parser)
+    generate = commands.add_parser("generate", parents=[common], help="generate a video file",
+                                   description="Generate a video, chunk by chunk, into an MP4 file.",
+                                   epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _generate_arguments(generate)
+    generate.set_defaults(run=_run_generate)
+    info = commands.add_parser("info", parents=[common], help="describe and check a model",
+                               description="Describe a model (variant, sampler, defaults, config, parameters, "
+                               "dtypes, size) and check that every component is present and loads.")
+    info.add_argument("model", metavar="MODEL", help="a model folder, a Hugging Face repo id, or a built-in name")
+    info.add_argument("--quick", action="store_true",
+                      help="read no weights: check configs, file completeness and the transformer's names/shapes")
+    info.set_defaults(run=_run_info)
+    return parser
+
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to generate")
+    g.add_argument("--model", required=True, metavar="M",
+                   help=f"a model folder, a Hugging Face repo id ({', '.join(PUBLISHED)}), or a built-in model "
+                   f"({', '.join(BUILTIN_MODELS)}: tiny random weights, its videos are noise)")
+    prompts = g.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", metavar="TEXT")
+    prompts.add_argument("--prompt-schedule", metavar="FILE", type=Path,
+                         help="prompts that change over the video: lines of 'n_chunks<TAB>prompt', or a CSV with a "
+                         "'prompt' column (optional 'n_chunks', 'id', 'prompt_index'; the official interactive CSV "
+                         "works) or header-less rows 'n_chunks,prompt'. A new prompt is blended in over "
+                         "--interpolation-steps chunks")
+    g.add_argument("--schedule-id", metavar="ID", help="the video to take from a CSV holding several (its 'id')")
+    g.add_argument("--chunks-per-prompt", type=_positive_int, default=7, metavar="N",
+                   help="chunks per prompt for a CSV without a chunk count column (default: 7, as the official script)")
+    g.add_argument("--negative-prompt", metavar="TEXT", help="(default: the official negative prompt; used with "
+                   "guidance > 1 only)")
+    conditioning = g.add_mutually_exclusive_group()
+    conditioning.add_argument("--image", type=Path, metavar="PATH", help="image-to-video: start from this image")
+    conditioning.add_argument("--video", type=Path, metavar="PATH",
+                              help="video-to-video: continue this video (at least 33 frames)")
+    v = p.add_argument_group("video")
+    v.add_argument("--num-frames", type=_positive_int, metavar="N",
+                   help="frames to generate, rounded up to whole 33-frame chunks, then trimmed to 4n+1 (default: "
+                   "the model's; 240 for Distilled, 99 for Base and Mid; the schedule's length with "
+                   "--prompt-schedule)")
+    v.add_argument("--height", type=_positive_int, metavar="H", help="(default 384; a multiple of 64 for Mid and "
+                   "Distilled, of 16 for Base; built-in models default to 192x320)")
+    v.add_argument("--width", type=_positive_int, metavar="W", help="(default 640)")
+    v.add_argument("--fps", type=_positive_fps, default=24, metavar="F", help="frame rate of the file (default 24)")
+    v.add_argument("--output", "-o", type=Path, default=Path("output.mp4"), metavar="PATH",
+                   help="the .mp4 to write (default output.mp4); it grows beside it as NAME.partial.mp4, which "
+                   "plays at any time, and is renamed at the end")
+    v.add_argument("--crf", type=int, default=18, choices=range(52), metavar="0-51",
+                   help="H.264 quality: 0 lossless (in 4:2:0 YUV), 18 visually lossless (default), 23 smaller")
+    v.add_argument("--lossless", action="store_true",
+                   help="exact 8-bit RGB frames (libx264rgb); plays in ffmpeg, mpv, VLC, not in browsers")
+    _sampler_arguments(p)
+
+
+def _sampler_arguments(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("sampler (defaults: the official scripts' settings for the model's variant)")
+    s.add_argument("--steps", type=_positive_int, metavar="N", help="denoising steps, Base (default 50)")
+    s.add_argument("--pyramid-steps", type=_positive_int, nargs="+", metavar="N",
+                   help="steps per pyramid stage, Mid and Distilled (default 20 20 20 for Mid, 2 2 2 for Distilled)")
+    s.add_argument("--guidance", type=float, metavar="G", help="classifier-free guidance scale (default 5.0 for "
+                   "Base and Mid, 1.0 = none for Distilled)")
+    s.add_argument("--amplify-first-chunk", action=argparse.BooleanOptionalAction,
+                   help="twice the steps for chunk 0 (default: on for Distilled)")
+    s.add_argument("--skip-first-chunk", action="store_true",
+                   help="anchor on chunk 1 instead of chunk 0 (if the first chunk of I2V/V2V comes out static)")
+    s.add_argument("--interpolation-steps", type=_positive_int, metavar="N",
+                   help="chunks over which a scheduled prompt change is blended (default 3; 1 = switch at once)")
+    s.add_argument("--seed", type=int, metavar="S", help="(default: random, printed at the end)")
+    s.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                   help="transformer and text encoder dtype (default: bfloat16 on CUDA, float32 on CPU; the VAE "
+                   "runs in float32)")
+    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    r = p.add_argument_group("long runs and output")
+    r.add_argument("--state", type=Path, metavar="PATH", help="save the generation state here after every chunk")
+    r.add_argument("--resume", type=Path, metavar="PATH", help="continue an interrupted run from its --state file: "
+                   "give the same command and --output; the state keeps being saved there")
+    out = r.add_mutually_exclusive_group()
+    out.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    out.add_argument("--json", action="store_true", help="one JSON object per chunk on stdout, then a summary")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _positive_fps(text: str):
+    from fractions import Fraction
+
+    try:
+        value = Fraction(text).limit_denominator(1001)  # 30000/1001 and 29.97 both work
+    except (ValueError, ZeroDivisionError):
+        value = Fraction(0)
+    if not 0 < value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be a frame rate in (0, 1000], got {text!r}")
+    return value
+
+
+def _run_generate(args) -> int:
+    from .cli_generate import generate
+
+    return generate(args)
+
+
+def _run_info(args) -> int:
+    from .catalog import model_folder
+    from .info import describe
+
+    quiet_libraries(args.debug)
+    with model_folder(args.model) as (folder, builtin):
+        title = (f"{args.model}: built-in tiny model with random weights (its videos are noise), built in a "
+                 "temporary folder"
+                 if builtin else f"{args.model}: {folder.resolve()}")
+        lines, ok = describe(folder, title, builtin.defaults if builtin else None, quick=args.quick)
+    print("\n".join(lines))
+    return 0 if ok else EXIT_FAILURE
+
+
+def quiet_libraries(debug: bool) -> None:
+    """Keep transformers' progress bars and advice out of the command's output (--debug keeps them)."""
+    if debug:
+        return
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    for name in ("transformers", "diffusers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Fail now, not after an hour of generation, if `path` cannot be written."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{what} {path}: the folder {parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.")
+    except OSError as err:
+        raise PermissionError(f"{what} {path} cannot be written: cannot create a file in {parent} "
+                              f"({err.strerror or err})") from err
+    os.close(fd)
+    os.unlink(probe)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

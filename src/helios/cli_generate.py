@@ -1,0 +1,168 @@
+"""`helios generate`: checks first, then the pipeline's stream into a video file, with progress and resume.
+
+The order matters: everything that can be checked cheaply (paths, the model name, the schedule file, sizes, the
+conditioning image or video) is checked before the model is loaded, and the pipeline checks the rest when the stream
+is created; only then is a file written. After a failure or Ctrl-C the partial file keeps the finished chunks.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .catalog import check_model_name, model_folder, noise_notice
+from .cli import EXIT_INTERRUPTED, GenerationFailed, quiet_libraries, check_writable
+from .progress import Progress, peak_memory
+from .video_io import SUFFIXES, VideoSettings, VideoWriter, partial_path, to_uint8
+
+
+def generate(args) -> int:
+    _check_paths(args)
+    check_model_name(args.model)
+    from .options import Variant
+    from .prompts import read_schedule
+    from .state import GenerationState
+
+    prompt = (read_schedule(args.prompt_schedule, args.chunks_per_prompt, args.schedule_id)
+              if args.prompt_schedule else args.prompt)
+    state = GenerationState.load(args.resume) if args.resume else None
+    media = {} if state else _media(args)  # a resumed run finds the conditioning in its saved memory
+    quiet_libraries(args.debug)
+    from .generate import HeliosPipeline  # the heavy imports (transformers, diffusers) after the cheap checks
+
+    with model_folder(args.model) as (folder, builtin):
+        variant = Variant.from_folder(folder)
+        opts = _options(args, builtin.defaults if builtin else {}, prompt).resolve(variant)
+        device, dtype = _device_and_dtype(args)
+        pipe = HeliosPipeline.from_pretrained(folder, torch_dtype=dtype, device=device)
+        notice = noise_notice(args.model) if builtin and not args.quiet else None
+        return _generate_to_file(pipe, args, opts, prompt, media, state, notice)
+
+
+def _check_paths(args) -> None:
+    if args.output.suffix.lower() not in SUFFIXES:
+        raise ValueError(f"--output {args.output}: videos are written as MP4, give a name ending in .mp4")
+    check_writable(args.output, "--output")
+    for flag in ("state", "resume"):  # a resumed run keeps saving its state to the --resume file
+        if getattr(args, flag) is not None:
+            check_writable(getattr(args, flag), f"--{flag}")
+    for flag in ("resume", "image", "video", "prompt_schedule"):
+        path = getattr(args, flag)
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file")
+    if args.schedule_id is not None and args.prompt_schedule is None:
+        raise ValueError("--schedule-id picks a video from a --prompt-schedule CSV; there is none")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt is empty")
+
+
+def _options(args, defaults: dict, prompt):
+    """SamplingOptions from the flags; None leaves a field to the model's defaults (a built-in model's first)."""
+    from .options import SamplingOptions
+    from .prompts import scheduled_chunks
+
+    values = dict(defaults)
+    if not isinstance(prompt, str) and args.num_frames is None:  # a schedule sets the length
+        values["num_frames"] = scheduled_chunks(prompt) * SamplingOptions().window_frames
+    given = dict(
+        height=args.height, width=args.width, num_frames=args.num_frames, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, is_amplify_first_chunk=args.amplify_first_chunk,
+        pyramid_num_inference_steps_list=tuple(args.pyramid_steps) if args.pyramid_steps else None,
+        is_skip_first_chunk=args.skip_first_chunk, interpolation_steps=args.interpolation_steps, seed=args.seed,
+    )
+    values.update({k: v for k, v in given.items() if v is not None})
+    return SamplingOptions(**values)
+
+
+def _media(args) -> dict:
+    """Read the conditioning image / video now, so that a bad file fails before the model loads."""
+    from .media import load_image, load_video
+    from .options import SamplingOptions
+
+    if args.image is not None:
+        return {"image": load_image(args.image)}
+    if args.video is not None:
+        return {"video": load_video(args.video, min_frames=SamplingOptions().window_frames)}
+    return {}
+
+
+def _device_and_dtype(args):
+    import torch
+
+    name = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {args.device}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    if args.dtype != "auto":
+        return device, getattr(torch, args.dtype)
+    # bf16 as the official scripts on GPUs; CPUs often lack fast bf16 matmuls.
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _generate_to_file(pipe, args, opts, prompt, media: dict, state, notice: str | None) -> int:
+    from .generate import planned_length
+    from .options import DEFAULT_NEGATIVE_PROMPT
+
+    num_chunks, total = planned_length(opts, prompt)
+    first = state.next_chunk if state is not None else 0
+    done = min(first * opts.window_frames, total)
+    progress = Progress("quiet" if args.quiet else "json" if args.json else "bar", num_chunks, total, first, done)
+    negative = DEFAULT_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
+    stream = pipe.stream(prompt, opts, negative_prompt=negative, resume=state, on_step=progress.step, **media)
+    if first >= num_chunks and args.output.is_file() and not partial_path(args.output).exists():
+        print(f"helios: nothing to resume: {args.resume} is the state after the last chunk of {args.output}",
+              file=sys.stderr)
+        return 0
+    if notice:  # every input is checked by now: this run will generate
+        print(f"helios: note: {notice}", file=sys.stderr)
+    writer = _open_writer(args, opts, first if state is not None else None, done)
+    seed = state.seed if state is not None else None
+    state_path = args.state or args.resume
+    try:
+        for chunk in stream:
+            writer.write(to_uint8(chunk.frames))
+            if state_path is not None:
+                chunk.state.save(state_path)  # after the video: the file never has fewer chunks than the state
+            seed = chunk.state.seed
+            progress.chunk(chunk.index, chunk.frames.shape[0], writer.partial)
+    except BaseException as err:
+        return _stopped(err, writer, progress, state_path)
+    path = writer.finish()
+    progress.finish({
+        "output": str(path), "frames": writer.frames, "chunks": writer.chunks, "video_fps": float(args.fps),
+        "video_seconds": round(float(writer.frames / args.fps), 3), "seconds": round(progress.seconds, 3),
+        "fps": round(progress.fps, 3), "peak_memory": peak_memory(pipe.device), "seed": seed,
+        "state": None if state_path is None else str(state_path),
+    })
+    return 0
+
+
+def _open_writer(args, opts, resume_after: int | None, done: int) -> VideoWriter:
+    """A new video, or the partial video of the run being resumed, cut back to the chunks its state has."""
+    settings = VideoSettings(opts.width, opts.height, args.fps, args.crf, args.lossless)
+    if resume_after is None:
+        return VideoWriter.create(args.output, settings)
+    writer = VideoWriter.resume(args.output, settings, resume_after)
+    if writer.frames != done:
+        writer.close()
+        raise ValueError(f"{writer.partial} holds {writer.frames} frames in its first {resume_after} chunks, the "
+                         f"state expects {done}: it belongs to another run")
+    return writer
+
+
+def _stopped(err: BaseException, writer: VideoWriter, progress: Progress, state_path: Path | None) -> int:
+    """Ctrl-C or a failure mid-run: keep the finished chunks (a playable file), say how to go on."""
+    progress.close()
+    writer.close()
+    kept = (f"the first {writer.frames} frames are in {writer.partial}" if writer.chunks else "no chunk was finished")
+    hint = (f"; continue with the same command and --resume {state_path}" if state_path is not None and writer.chunks
+            else "")
+    if isinstance(err, KeyboardInterrupt):
+        print(f"helios: interrupted after {writer.chunks} chunks: {kept}{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if not isinstance(err, Exception):
+        raise err
+    raise GenerationFailed(f"generation failed after {writer.chunks} chunks ({kept}{hint}): {err}") from err
