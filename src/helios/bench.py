@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 import platform
-import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,6 +27,7 @@ import torch
 from .config import HeliosConfig
 from .history import History
 from .model import HeliosTransformer3DModel
+from .weights import param_dtype
 
 
 def reference_module():
@@ -101,7 +102,10 @@ def build_pair(cfg: HeliosConfig, device, dtype):
             p.normal_(0, 0.02)
     ours = HeliosTransformer3DModel(cfg).eval()
     ours.load_state_dict(ref.state_dict())
-    return ref.to(device, dtype), ours.to(device, dtype)
+    for model in (ref, ours):  # the dtypes from_pretrained(torch_dtype=dtype) gives: some modules stay fp32
+        for name, p in model.named_parameters():
+            p.data = p.data.to(device, param_dtype(name, dtype))
+    return ref, ours
 
 
 def timed(fn, device) -> float:
@@ -185,13 +189,22 @@ def forward_peak(args) -> None:
     base = _rss_now()
     with torch.inference_mode():
         model(**inputs)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"forward_peak_gib": (peak - base) / 2**30}))
+    print(json.dumps({"forward_peak_gib": (_rss_peak() - base) / 2**30}))
 
 
 def _rss_now() -> int:
+    """Current RSS, after resetting the peak (VmHWM) to it, so that _rss_peak() measures from here on."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_peak() -> int:
+    """This process's peak RSS. Not getrusage's ru_maxrss: that survives fork and exec, so a child started by a
+    large parent reports the parent's peak. VmHWM belongs to the process image and starts afresh at exec."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 # -- pipeline -------------------------------------------------------------------------------------------------------
@@ -203,7 +216,8 @@ def bench_pipeline(args) -> dict:
     from .tiny import build_tiny_model
 
     diffusers = reference_module()
-    folder = build_tiny_model(Path(tempfile.mkdtemp(prefix="helios-bench-")) / args.variant, variant=args.variant)
+    root = Path(tempfile.mkdtemp(prefix="helios-bench-"))
+    folder = build_tiny_model(root / args.variant, variant=args.variant)
     if args.variant != "base":  # the reference's fp32 Cholesky of the gamma = 1/3 block covariance fails on CPU
         cfg_path = folder / "scheduler" / "scheduler_config.json"
         cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "gamma": 0.25}))
@@ -214,7 +228,8 @@ def bench_pipeline(args) -> dict:
     ref.transformer.register_forward_hook(lambda m, a, out: tuple(o.contiguous() for o in out))
     steps = dict(num_inference_steps=args.steps) if args.variant == "base" else dict(
         pyramid_num_inference_steps_list=[args.steps] * 3)
-    shared = dict(height=args.height, width=args.width, num_frames=args.num_frames, guidance_scale=args.guidance)
+    guidance = args.guidance if args.guidance is not None else (1.0 if args.variant == "distilled" else 5.0)
+    shared = dict(height=args.height, width=args.width, num_frames=args.num_frames, guidance_scale=guidance)
     opts = SamplingOptions(seed=0, is_amplify_first_chunk=False, **shared,
                            **{k: tuple(v) if isinstance(v, list) else v for k, v in steps.items()})
     results = {}
@@ -232,6 +247,7 @@ def bench_pipeline(args) -> dict:
         out[name] = {"median_s": statistics.median(t), "runs_s": t}
     out["ratio"] = out["ours"]["median_s"] / out["reference"]["median_s"]
     out["max_abs_frame_diff"] = (results["ours"] - results["reference"]).abs().max().item()
+    shutil.rmtree(root)
     return out
 
 
@@ -244,6 +260,7 @@ def bench_load(args) -> dict:
     torch.manual_seed(0)
     HeliosTransformer3DModel(cfg).to(torch.bfloat16).save_pretrained(folder, max_shard_size=args.shard_size)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    os.sync()  # written, not dirty, pages: what a downloaded checkpoint looks like
     runs = {"ours": [], "reference": []}
     for _ in range(args.runs):
         for impl in runs:
@@ -253,13 +270,21 @@ def bench_load(args) -> dict:
     for impl, rows in runs.items():
         out[impl] = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
         out[impl]["peak_added_x_checkpoint"] = out[impl].pop("peak_added_bytes") / size
-    out["load_ratio"] = out["ours"]["load_s"] / out["reference"]["load_s"]
+    out["load_ratio"] = out["ours"]["load_and_read_s"] / out["reference"]["load_and_read_s"]
+    shutil.rmtree(folder)
     return out
 
 
 def load_once(impl: str, folder: str) -> None:
-    """In a fresh process: load with torch_dtype=bf16, read every weight once (mmap pages are faulted in lazily)."""
-    cls = HeliosTransformer3DModel if impl == "ours" else reference_module().HeliosTransformer3DModel
+    """In a fresh process: load with torch_dtype=bf16, read every weight once (mmap pages are faulted in lazily).
+
+    Both processes first import the same modules (diffusers, and the torch internals a first meta-device op
+    imports, about 2 s once per process), so that the timing is the loading, not the imports.
+    """
+    diffusers = reference_module()
+    with torch.device("meta"):
+        torch.nn.Linear(2, 2)
+    cls = HeliosTransformer3DModel if impl == "ours" else diffusers.HeliosTransformer3DModel
     base = _rss_now()
     start = time.perf_counter()
     model = cls.from_pretrained(folder, torch_dtype=torch.bfloat16)
@@ -268,8 +293,7 @@ def load_once(impl: str, folder: str) -> None:
         for p in model.parameters():
             p.sum()
     used = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"load_s": loaded, "load_and_read_s": used, "peak_added_bytes": peak - base}))
+    print(json.dumps({"load_s": loaded, "load_and_read_s": used, "peak_added_bytes": _rss_peak() - base}))
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
@@ -303,7 +327,7 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--width", type=int, default=128)
     pl.add_argument("--num-frames", type=int, default=66)
     pl.add_argument("--steps", type=int, default=4)
-    pl.add_argument("--guidance", type=float, default=5.0)
+    pl.add_argument("--guidance", type=float, help="default: 1 for distilled (it samples without CFG), else 5")
     pl.add_argument("--prompt", default="a red fox runs through fresh snow")
     pl.add_argument("--runs", type=int, default=3)
     pl.add_argument("--device", default="cpu")
