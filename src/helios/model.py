@@ -137,7 +137,8 @@ class HeliosTransformer3DModel(nn.Module):
     @staticmethod
     def _index_rows(indices, batch: int) -> tuple:
         """Frame indices ([T] or [1 or B, T]) as B tuples of floats: the rotary table's cache key is made of values."""
-        rows = torch.as_tensor(indices).reshape(-1, torch.as_tensor(indices).shape[-1]).float().tolist()
+        indices = torch.as_tensor(indices)
+        rows = indices.reshape(-1, indices.shape[-1]).float().tolist()
         return tuple(tuple(r) for r in (rows * batch if len(rows) == 1 else rows))
 
 

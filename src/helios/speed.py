@@ -6,8 +6,6 @@ reference's math. Their numerical effect is measured in docs/benchmarks.md.
 
 from __future__ import annotations
 
-import torch
-
 from .model import HeliosTransformer3DModel
 
 
