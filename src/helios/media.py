@@ -56,12 +56,13 @@ def load_video(video, min_frames: int = 1) -> list:
 
 
 def _read_video_file(path: Path) -> list[PIL.Image.Image]:
-    import av  # imported here: only V2V from a file needs it
+    import av  # imported here: only V2V from a file needs PyAV
+
+    from .video_io import read_video
 
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError("no video stream")
-            return [frame.to_image() for frame in container.decode(video=0)]
+        frames, _ = read_video(path)
     except (OSError, ValueError, av.FFmpegError) as err:
         raise ValueError(f"video: cannot read {path}: {err}") from err
+    # PIL images, not arrays: the VAE's preprocessing resizes images with Lanczos, like a frame list from the user.
+    return [PIL.Image.fromarray(frame) for frame in frames]

@@ -201,8 +201,12 @@ def read_fragments(path: Path) -> tuple[bytes, list[tuple[int, int, int]]]:
 def read_video(path: str | os.PathLike) -> tuple[np.ndarray, Fraction]:
     """(uint8 frames [F, H, W, 3], fps) of a video file, decoded with PyAV."""
     with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
         stream = container.streams.video[0]
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        if not frames:
+            raise ValueError("no frames")
         return np.stack(frames), Fraction(stream.average_rate)
 
 
