@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .config import HeliosConfig
-from .layers import ConditionEmbedder, OutputNorm, TransformerBlock, grid_to_tokens, pad_replicate, rope_table
+from .layers import ConditionEmbedder, Linear, OutputNorm, TransformerBlock, grid_to_tokens, pad_replicate, rope_table
 
 # The multi-term memory, in sequence order. `factor` is how many patches per axis one memory token covers.
 MEMORY_TERMS = (("long", 4), ("mid", 2), ("short", 1))
@@ -49,7 +49,7 @@ class HeliosTransformer3DModel(nn.Module):
         self.condition_embedder = ConditionEmbedder(dim, cfg.freq_dim, cfg.text_dim)
         self.blocks = nn.ModuleList([TransformerBlock(cfg, dim) for _ in range(cfg.num_layers)])
         self.norm_out = OutputNorm(dim, cfg.eps)
-        self.proj_out = nn.Linear(dim, cfg.output_channels * math.prod(patch))
+        self.proj_out = Linear(dim, cfg.output_channels * math.prod(patch))
 
     # Loading and saving live in weights.py; these are the familiar entry points.
     @classmethod
