@@ -104,15 +104,25 @@ def run_bench(*args) -> dict:
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("memory", [False, True], ids=["time", "time+memory"])
-def test_transformer_benchmark_reports_ratio_and_agreement(memory):
+@pytest.mark.parametrize("extra", ["", "--memory", "--profile"])
+def test_transformer_benchmark_reports_ratio_and_agreement(extra):
     small = ["--layers", "1", "--heads", "2", "--head-dim", "16", "--ffn", "32", "--text-dim", "32",
              "--text-len", "8", "--height", "64", "--width", "64", "--runs", "2"]
-    out = run_bench("transformer", *small, *(["--memory"] if memory else []))
+    out = run_bench("transformer", *small, *([extra] if extra else []))
     assert out["tokens"] == {"current": 144, "history": 32 + 4 + 4, "text": 8}
     assert out["max_rel_diff"] <= 1e-5 and out["ratio"] > 0 and len(out["ours"]["runs_s"]) == 2
-    if memory:
+    pairs = [a / b for a, b in zip(out["ours"]["runs_s"], out["reference"]["runs_s"])]
+    assert out["pair_ratio_median"] == pytest.approx(sum(pairs) / 2)
+    if extra == "--memory":
         assert set(out["cpu_forward_peak_gib"]) == {"ours", "reference"}
+    if extra == "--profile":
+        for impl in ("ours", "reference"):
+            split = out["profile"][impl]
+            assert split["matmul_s"] > 0 and split["attention_s"] > 0 and split["other_s"] >= 0
+            assert split["matmul_s"] + split["attention_s"] + split["other_s"] == pytest.approx(split["total_s"])
+        floor = (out["profile"]["ours"]["matmul_s"] + out["profile"]["ours"]["attention_s"]) / out["profile"][
+            "reference"]["total_s"]
+        assert out["profile"]["floor_ratio"] == pytest.approx(floor)
 
 
 def test_pipeline_and_load_benchmarks_run():

@@ -129,6 +129,15 @@ def alternate(fns: dict, runs: int, device) -> dict:
     return times
 
 
+def compare(times: dict) -> dict:
+    """Medians per implementation, their ratio, and the median of the per-pair ratios: each A B pair runs back to
+    back, so a pair's ratio is immune to the machine drifting between pairs (shared cores, a VM's page faults)."""
+    out = {name: {"median_s": statistics.median(t), "runs_s": t} for name, t in times.items()}
+    out["ratio"] = out["ours"]["median_s"] / out["reference"]["median_s"]
+    out["pair_ratio_median"] = statistics.median(a / b for a, b in zip(times["ours"], times["reference"]))
+    return out
+
+
 def cuda_peak(fn) -> float:
     torch.cuda.reset_peak_memory_stats()
     fn()
@@ -157,17 +166,48 @@ def bench_transformer(args) -> dict:
     times = alternate(fns, args.runs, device)
     out = {"machine": machine(), "config": cfg.to_dict(), "dtype": args.dtype, "compile": args.compile,
            "tokens": {"current": n_cur, "history": n_hist, "text": args.text_len}}
+    out.update(compare(times))
     flops = forward_flops(cfg, n_cur, n_hist, args.text_len)
-    for name, t in times.items():
-        out[name] = {"median_s": statistics.median(t), "runs_s": t, "tflops": flops / statistics.median(t) / 1e12}
+    for name in times:
+        out[name]["tflops"] = flops / out[name]["median_s"] / 1e12
         if device.type == "cuda":
             out[name]["peak_gib"] = cuda_peak(fns[name])
-    out["ratio"] = out["ours"]["median_s"] / out["reference"]["median_s"]
     a, b = results["ours"].float(), results["reference"].float()
     out["max_rel_diff"] = ((a - b).abs().max() / b.abs().max()).item()
     if device.type == "cpu" and args.memory:
         out.update(cpu_forward_peaks(args))
+    if args.profile:
+        # Of three profiled forwards each, the one with the median total.
+        out["profile"] = {name: sorted((time_by_kind(fn, device) for _ in range(3)), key=lambda p: p["total_s"])[1]
+                          for name, fn in fns.items()}
+        kernels = out["profile"]["ours"]["matmul_s"] + out["profile"]["ours"]["attention_s"]
+        out["profile"]["floor_ratio"] = kernels / out["profile"]["reference"]["total_s"]
     return out
+
+
+MATMUL_OPS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"}
+
+
+def time_by_kind(fn, device) -> dict:
+    """A profiled forward, its time split into matrix multiplies, attention kernels and everything else.
+
+    Our matmul plus attention time over the reference's total is the ratio we would reach if every other operation
+    cost nothing: the floor of an exact-math forward with these kernels (`floor_ratio`).
+    """
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+
+    def seconds(e) -> float:  # leaf operators: their own CPU time, or on CUDA the time of the kernels they launch
+        return (e.device_time_total if device.type == "cuda" else e.self_cpu_time_total) / 1e6
+
+    matmul = sum(seconds(e) for e in events if e.key in MATMUL_OPS)
+    attention = sum(seconds(e) for e in events if e.key.startswith("aten::_scaled_dot_product_"))
+    total = sum((e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total) for e in events) / 1e6
+    return {"matmul_s": matmul, "attention_s": attention, "other_s": total - matmul - attention, "total_s": total}
 
 
 def cpu_forward_peaks(args) -> dict:
@@ -243,9 +283,7 @@ def bench_pipeline(args) -> dict:
 
     times = alternate({"ours": run_ours, "reference": run_ref}, args.runs, torch.device(args.device))
     out = {"machine": machine(), "variant": args.variant, "settings": {**shared, **steps}}
-    for name, t in times.items():
-        out[name] = {"median_s": statistics.median(t), "runs_s": t}
-    out["ratio"] = out["ours"]["median_s"] / out["reference"]["median_s"]
+    out.update(compare(times))
     out["max_abs_frame_diff"] = (results["ours"] - results["reference"]).abs().max().item()
     shutil.rmtree(root)
     return out
@@ -320,6 +358,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     t.add_argument("--compile", action="store_true", help="torch.compile our repeated blocks")
     t.add_argument("--memory", action="store_true", help="CPU: also measure each forward's peak RSS (subprocesses)")
+    t.add_argument("--profile", action="store_true", help="also split a profiled forward (median of 3) into "
+                   "matmul, attention and other time, and report the floor ratio")
     t.add_argument("--peak-of", choices=["ours", "reference"], help=argparse.SUPPRESS)  # internal: --memory
     pl = sub.add_parser("pipeline", help="a whole tiny generation, ours vs the reference pipeline")
     pl.add_argument("--variant", default="base", choices=["base", "mid", "distilled"])
@@ -354,7 +394,8 @@ def main(argv=None) -> None:
     result = {"transformer": bench_transformer, "pipeline": bench_pipeline, "load": bench_load}[args.command](args)
     print(json.dumps(result, indent=2))
     summary = result.get("ratio", result.get("load_ratio"))
-    print(f"ratio ours / reference: {summary:.3f}", file=sys.stderr)
+    pairs = f" (median of per-pair ratios {result['pair_ratio_median']:.3f})" if "pair_ratio_median" in result else ""
+    print(f"ratio ours / reference: {summary:.3f}{pairs}", file=sys.stderr)
 
 
 if __name__ == "__main__":
