@@ -136,7 +136,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`x @ weight.T + bias`, then tanh-GELU if `gelu`.
 
     On CPU, in eager inference, this calls oneDNN's matmul instead of torch's default MKL sgemm: on CPUs where MKL
-    does not run its AVX-512 kernels (AMD) oneDNN is 20-40 % faster for the transformer's shapes (docs/benchmarks.md),
+    does not run its AVX-512 kernels (AMD) oneDNN is faster, 17 % over the transformer's matmuls (docs/benchmarks.md),
     with the same products and sums in another blocking order (fp32 results agree to rounding). In fp32 the GELU is
     fused into the matmul's epilogue, which saves a pass over the FFN's widest tensor; in bf16 it is not, so that the
     GELU still sees the bf16-rounded product, as in the reference. With autograd on (the oneDNN op has no backward),
