@@ -133,6 +133,14 @@ def test_resuming_from_a_state_object_leaves_it_intact(pipe):
     assert torch.equal(state.history.latents, latents)
 
 
+def test_generate_from_the_state_of_a_finished_run_says_so(pipe):
+    opts = SamplingOptions(num_frames=33, **FAST)
+    state = next(pipe.stream("a fox", opts)).state  # the only chunk: the run is finished
+    assert list(pipe.stream("a fox", opts, resume=state)) == []  # streaming has nothing left to yield
+    with pytest.raises(ValueError, match="finished run"):
+        pipe.generate("a fox", opts, resume=state)
+
+
 def test_resume_with_other_settings_is_refused(pipe, tmp_path):
     chunk = next(pipe.stream("a fox", SamplingOptions(num_frames=66, **FAST)))
     chunk.state.save(tmp_path / "s")

@@ -97,9 +97,14 @@ class HeliosPipeline:
     def device(self) -> torch.device:
         return self.transformer.device
 
-    def generate(self, prompt, opts: SamplingOptions = SamplingOptions(), **kwargs) -> Video:
+    def generate(self, prompt, opts: SamplingOptions = SamplingOptions(), negative_prompt: str | None = None,
+                 image=None, video=None, resume: GenerationState | str | Path | None = None,
+                 on_step: Callable[[StepInfo], bool | None] | None = None) -> Video:
         """The whole video (the chunks of `stream`, concatenated)."""
-        chunks = list(self.stream(prompt, opts, **kwargs))
+        run = self._prepare(prompt, opts, negative_prompt, image, video, resume)
+        if run.first_chunk >= run.num_chunks:  # stream() yields nothing then; a whole video of nothing is an error
+            raise ValueError(f"resume: the saved state is of a finished run (all {run.num_chunks} chunks are done)")
+        chunks = list(self._chunks(run, on_step))
         if not chunks:
             raise Cancelled("generation was cancelled before the first chunk finished")
         return Video(torch.cat([c.frames for c in chunks]), torch.cat([c.latents for c in chunks], dim=2),
