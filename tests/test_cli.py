@@ -253,3 +253,19 @@ def test_bad_input_is_one_line_on_stderr_and_leaves_no_file(tmp_path):
         assert result.stderr.startswith("helios: error: ") and message in result.stderr, (name, result.stderr)
     assert sorted(tmp_path.iterdir()) == before  # nothing half-written
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "FileNotFoundError" in debug.stderr
+
+
+def test_compile_flag_compiles_the_pipelines_transformer(tmp_path, monkeypatch):
+    # In-process, with compile_blocks recorded rather than run: compiling every pyramid stage on CPU would take
+    # minutes, and tests/test_speed.py checks that compiled blocks match eager ones.
+    import helios.speed
+    from helios.cli import main
+
+    compiled = []
+    monkeypatch.setattr(helios.speed, "compile_blocks", lambda model: compiled.append(model) or model)
+    monkeypatch.chdir(tmp_path)
+    args = [*map(str, FAST), "--prompt", "a fox", "--num-frames", "33", "--quiet"]
+    assert main(["generate", *args, "--output", "fox.mp4", "--compile"]) == 0
+    assert len(compiled) == 1 and type(compiled[0]).__name__ == "HeliosTransformer3DModel"
+    assert read_video(tmp_path / "fox.mp4")[0].shape == (33, H, W, 3)
+    assert main(["generate", *args, "--output", "plain.mp4"]) == 0 and len(compiled) == 1  # not without the flag

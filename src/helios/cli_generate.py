@@ -35,6 +35,10 @@ def generate(args) -> int:
         opts = _options(args, builtin.defaults if builtin else {}, prompt).resolve(variant)
         device, dtype = _device_and_dtype(args)
         pipe = HeliosPipeline.from_pretrained(folder, torch_dtype=dtype, device=device)
+        if args.compile:
+            from .speed import compile_blocks
+
+            compile_blocks(pipe.transformer)
         notice = noise_notice(args.model) if builtin and not args.quiet else None
         return _generate_to_file(pipe, args, opts, prompt, media, state, notice)
 
