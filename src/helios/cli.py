@@ -153,8 +153,8 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
                    help="transformer and text encoder dtype (default: bfloat16 on CUDA, float32 on CPU; the VAE "
                    "runs in float32)")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    s.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks: on a GPU, faster "
-                   "chunks after a first one that compiles (once per resolution); on a CPU, no gain")
+    s.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks, for GPUs (the first "
+                   "chunk at each resolution waits for the compiler; on a CPU it gains nothing)")
     r = p.add_argument_group("long runs and output")
     r.add_argument("--state", type=Path, metavar="PATH", help="save the generation state here after every chunk")
     r.add_argument("--resume", type=Path, metavar="PATH", help="continue an interrupted run from its --state file: "
