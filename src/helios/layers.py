@@ -151,12 +151,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and (bias is None or bias.dtype == x.dtype)
     )
     fast = _onednn_linear() if eligible else None
+    fused = fast is not None and gelu and x.dtype == torch.float32
     if fast is not None:
-        fused = gelu and x.dtype == torch.float32
         y = fast(x, weight, bias, "gelu" if fused else "none", [], "tanh" if fused else "")
-        return F.gelu(y, approximate="tanh") if gelu and not fused else y
-    y = F.linear(x, weight, bias)
-    return F.gelu(y, approximate="tanh") if gelu else y
+    else:
+        y = F.linear(x, weight, bias)
+    return gelu_tanh(y) if gelu and not fused else y
 
 
 # scaled_dot_product_attention kernels to prefer per device type, fastest first; torch falls through to the next
