@@ -21,7 +21,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from helios.video_io import read_video
+from helios.media import read_video
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINT = Path(sys.executable).parent / "helios"  # what `pip install -e .` puts beside the interpreter
@@ -35,7 +35,7 @@ LONG = [*FAST, "--prompt", "a red fox running through fresh snow", "--num-frames
 
 
 def command(*args, entry_point=False) -> list[str]:
-    program = [str(ENTRY_POINT)] if entry_point else [sys.executable, "-m", "helios.cli"]
+    program = [str(ENTRY_POINT)] if entry_point else [sys.executable, "-m", "helios"]
     return [*program, *map(str, args)]
 
 
@@ -197,7 +197,7 @@ def test_info_describes_and_checks_the_builtin_model(started):
 
 
 def test_info_names_missing_and_broken_components(tmp_path):
-    from helios.info import describe
+    from helios.cli.info import describe
     from helios.tiny import build_tiny_model
 
     folder = build_tiny_model(tmp_path / "model")

@@ -52,7 +52,7 @@ def reference(folder):
 
 @pytest.fixture(scope="module")
 def vae(folder):
-    return VideoVAE.from_pretrained(folder)
+    return VideoVAE.from_pretrained(folder / "vae")
 
 
 def reference_normalisation(pipe):
@@ -84,7 +84,7 @@ def test_prompt_cleaning_matches_reference(text):
 
 
 def test_text_embeddings_match_reference(folder, reference):
-    encoder = TextEncoder.from_pretrained(folder)
+    encoder = TextEncoder.from_pretrained(folder / "text_encoder", folder / "tokenizer")
     long = " ".join(WORDS[2:] * 6)  # > 512 words: truncated, keeping the closing </s>
     prompts = ["A cat and a dog baking a cake together in a kitchen.", *MESSY, long]
     assert len(long.split()) > 512
@@ -111,7 +111,7 @@ def test_text_embeddings_match_reference(folder, reference):
 
 def test_text_encoder_rejects_a_bare_string(folder):
     with pytest.raises(TypeError):
-        TextEncoder.from_pretrained(folder).encode("a cat")
+        TextEncoder.from_pretrained(folder / "text_encoder", folder / "tokenizer").encode("a cat")
 
 
 # ------------------------------------------------------------------------------------------------ VAE
@@ -301,5 +301,5 @@ def test_variant_folder_runs_in_reference_pipeline(tmp_path, monkeypatch, varian
 
     # And our loaders read the same folder.
     assert HeliosTransformer3DModel.from_pretrained(folder / "transformer").config.text_dim == TINY_UMT5["d_model"]
-    assert TextEncoder.from_pretrained(folder).dim == TINY_UMT5["d_model"]
+    assert TextEncoder.from_pretrained(folder / "text_encoder", folder / "tokenizer").dim == TINY_UMT5["d_model"]
     assert VideoVAE.from_pretrained(folder / "vae").vae.config.z_dim == 16

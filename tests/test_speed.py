@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from conftest import make_inputs, make_pair, reference_forward, rel_err, tiny_config
 
-from helios.layers import SDPA_BACKENDS, attention, linear, rope_table
+from helios.kernels import SDPA_BACKENDS, attention, linear
+from helios.layers import rope_table
 from helios.speed import compile_blocks
 
 
@@ -54,20 +55,20 @@ def test_cpu_linear_runs_onednn_in_inference_and_agrees_with_f_linear(gelu):
     expected = F.linear(x, weight, bias)
     expected = F.gelu(expected, approximate="tanh") if gelu else expected
     with torch.inference_mode():
-        assert "mkldnn::_linear_pointwise" in _kernels(lambda: linear(x, weight, bias, gelu=gelu))
-        torch.testing.assert_close(linear(x, weight, bias, gelu=gelu), expected, rtol=1e-5, atol=1e-5)
+        assert "mkldnn::_linear_pointwise" in _kernels(lambda: linear(x, weight, bias, activation="gelu_tanh" if gelu else None))
+        torch.testing.assert_close(linear(x, weight, bias, activation="gelu_tanh" if gelu else None), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(linear(x[:, 100:], weight), F.linear(x[:, 100:], weight), rtol=1e-5, atol=1e-5)
     # With autograd on, the op without a backward is never used, and gradients flow.
     w = weight.clone().requires_grad_()
-    assert "mkldnn::_linear_pointwise" not in _kernels(lambda: linear(x, w, bias, gelu=gelu))
-    linear(x, w, bias, gelu=gelu).sum().backward()
+    assert "mkldnn::_linear_pointwise" not in _kernels(lambda: linear(x, w, bias, activation="gelu_tanh" if gelu else None))
+    linear(x, w, bias, activation="gelu_tanh" if gelu else None).sum().backward()
     assert w.grad is not None and w.grad.abs().sum() > 0
 
 
 def test_cpu_linear_in_bf16_applies_gelu_to_the_rounded_product_like_the_reference():
     x, weight, bias = (t.to(torch.bfloat16) for t in (torch.randn(64, 96), torch.randn(160, 96) / 10, torch.randn(160)))
     with torch.inference_mode():
-        out = linear(x, weight, bias, gelu=True)
+        out = linear(x, weight, bias, activation="gelu_tanh")
         assert torch.equal(out, F.gelu(F.linear(x, weight, bias), approximate="tanh"))
 
 

@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "Chunk": ".generate",
+    "GenerationPlan": ".plan",
     "HeliosConfig": ".config",
     "HeliosPipeline": ".generate",
     "HeliosTransformer3DModel": ".model",
     "SamplingOptions": ".options",
     "TransformerOutput": ".model",
     "Video": ".generate",
+    "make_plan": ".plan",
 }
 
 if TYPE_CHECKING:
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from .generate import Chunk, HeliosPipeline, Video
     from .model import HeliosTransformer3DModel, TransformerOutput
     from .options import SamplingOptions
+    from .plan import GenerationPlan, make_plan
 
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -13,13 +13,9 @@ import torch
 from .options import SamplingOptions, Variant
 from .schedule import (
     Schedule,
-    base_schedule,
-    calculate_mu,
     cfg_combine,
     cfg_zero_star,
     downsample_noise,
-    image_seq_len,
-    pyramid_schedules,
     sampler_step,
     upsample_renoise,
     zero_init_applies,
@@ -31,17 +27,6 @@ Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 class Cancelled(Exception):
     """Raised inside a chunk when the caller asked to stop; the stream ends without a partial chunk."""
-
-
-def chunk_schedules(variant: Variant, opts: SamplingOptions, latent_hw, first_chunk: bool, patch) -> list[Schedule]:
-    """The schedule of every stage for one chunk of [.., frames, h, w] full-resolution latents."""
-    frames, (h, w) = opts.num_latent_frames_per_chunk, latent_hw
-    cfg = variant.scheduler
-    if not variant.is_pyramid:
-        mu = calculate_mu(image_seq_len(frames, h, w, patch), cfg)
-        return [base_schedule(cfg, opts.num_inference_steps, mu=mu)]
-    amplify = bool(opts.is_amplify_first_chunk and first_chunk)
-    return pyramid_schedules(cfg, opts.pyramid_num_inference_steps_list, frames, h, w, amplify=amplify, patch_size=patch)
 
 
 def guided_velocity(model: Velocity, text, negative_text, variant: Variant, opts: SamplingOptions):

@@ -16,18 +16,16 @@ from typing import Callable, Iterator
 
 import torch
 
-from .denoise import Cancelled, chunk_schedules, denoise_chunk, guided_velocity
+from .denoise import Cancelled, denoise_chunk, guided_velocity
+from .folder import ModelFolder, open_model_folder
 from .history import History
 from .media import load_image, load_video
 from .model import HeliosTransformer3DModel
-from .options import SamplingOptions, Variant
-from .prompts import as_schedule, scheduled_chunks, text_for_chunk
+from .options import VARIANT_DEFAULTS, SamplingOptions, Variant
+from .plan import GenerationPlan, make_plan
 from .state import GenerationState, fingerprint
 from .text import TextEncoder
 from .vae import VideoVAE
-from .weights import resolve_directory
-
-COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 @dataclass(frozen=True)
@@ -57,41 +55,51 @@ class Video:
 
 @dataclass
 class _Run:
-    """One generation's fixed inputs: options, texts, the memory and the generator."""
+    """One generation's fixed inputs: the plan, texts, the memory and the generator."""
 
-    opts: SamplingOptions
-    schedule: list
+    plan: GenerationPlan
     texts: torch.Tensor  # [n_prompts, L, D]
     negative: torch.Tensor | None
     history: History
     generator: torch.Generator
     seed: int
     first_chunk: int
-    num_chunks: int
     fingerprint: str
 
 
 class HeliosPipeline:
     def __init__(self, transformer: HeliosTransformer3DModel, vae: VideoVAE, text_encoder: TextEncoder, variant: Variant,
-                 folder: Path | None = None):
+                 defaults: dict | None = None, folder: ModelFolder | None = None):
         self.transformer, self.vae, self.text_encoder, self.variant = transformer, vae, text_encoder, variant
+        self.defaults = dict(VARIANT_DEFAULTS[variant.name] if defaults is None else defaults)  # for unset options
         self.folder = folder  # where the components were loaded from, if anywhere
+        self._holder = None  # keeps a built-in model's temporary folder alive as long as the pipeline
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, torch_dtype=torch.bfloat16, device=None, vae_dtype=torch.float32):
-        """Load a folder laid out like the published repos (model_index.json + one folder per component)."""
-        folder = resolve_directory(path_or_repo_id)
-        missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
-        if not (folder / "model_index.json").is_file():
-            missing.insert(0, "model_index.json")
-        if missing:
-            raise FileNotFoundError(f"{folder}: not a complete Helios model folder, missing {', '.join(missing)}")
+    def from_pretrained(cls, model, torch_dtype=None, device=None, vae_dtype=torch.float32) -> HeliosPipeline:
+        """Load a model: a folder laid out like the published repos, a hub repo id, a built-in name
+        ("helios-tiny", "helios-tiny-mid", "helios-tiny-base": tiny random weights), or a folder.ModelFolder.
+
+        torch_dtype (transformer and text encoder): default bfloat16 on CUDA, float32 on a CPU (where bf16 matmuls
+        are slow or missing). The VAE runs in vae_dtype, float32 as in every official script.
+        """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        variant = Variant.from_folder(folder)
-        transformer = HeliosTransformer3DModel.from_pretrained(folder, "transformer", torch_dtype=torch_dtype, device=device)
-        vae = VideoVAE.from_pretrained(folder / "vae", dtype=vae_dtype, device=device)
-        text_encoder = TextEncoder.from_pretrained(folder, dtype=torch_dtype, device=device)
-        return cls(transformer, vae, text_encoder, variant, folder)
+        if torch_dtype is None:
+            torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        holder, folder = open_model_folder(model)
+        try:
+            transformer = HeliosTransformer3DModel.from_pretrained(folder.component("transformer"),
+                                                                   torch_dtype=torch_dtype, device=device)
+            vae = VideoVAE.from_pretrained(folder.component("vae"), dtype=vae_dtype, device=device)
+            text_encoder = TextEncoder.from_pretrained(folder.component("text_encoder"), folder.component("tokenizer"),
+                                                       dtype=torch_dtype, device=device)
+        except BaseException:
+            if holder is not None:
+                holder.cleanup()
+            raise
+        pipe = cls(transformer, vae, text_encoder, folder.variant, folder.defaults, folder)
+        pipe._holder = holder
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -102,8 +110,8 @@ class HeliosPipeline:
                  on_step: Callable[[StepInfo], bool | None] | None = None) -> Video:
         """The whole video (the chunks of `stream`, concatenated)."""
         run = self._prepare(prompt, opts, negative_prompt, image, video, resume)
-        if run.first_chunk >= run.num_chunks:  # stream() yields nothing then; a whole video of nothing is an error
-            raise ValueError(f"resume: the saved state is of a finished run (all {run.num_chunks} chunks are done)")
+        if run.first_chunk >= run.plan.num_chunks:  # stream() yields nothing then; a whole video of nothing is an error
+            raise ValueError(f"resume: the saved state is of a finished run (all {run.plan.num_chunks} chunks are done)")
         chunks = list(self._chunks(run, on_step))
         if not chunks:
             raise Cancelled("generation was cancelled before the first chunk finished")
@@ -120,8 +128,13 @@ class HeliosPipeline:
         run = self._prepare(prompt, opts, negative_prompt, image, video, resume)
         return self._chunks(run, on_step)
 
+    def plan(self, prompt, opts: SamplingOptions = SamplingOptions(), **length) -> GenerationPlan:
+        """The plan of a video with this model: lengths, prompts per chunk, resolved options (see plan.make_plan)."""
+        return make_plan(prompt, opts, self.variant, self.defaults, patch_size=self.transformer.config.patch_size,
+                         **length)
+
     def _chunks(self, run: _Run, on_step) -> Iterator[Chunk]:
-        for k in range(run.first_chunk, run.num_chunks):
+        for k in range(run.first_chunk, run.plan.num_chunks):
             try:
                 yield self._chunk(run, k, on_step)
             except Cancelled:
@@ -130,8 +143,8 @@ class HeliosPipeline:
     # -- preparation: everything is checked before the first model call ----------------------------------------
 
     def _prepare(self, prompt, opts, negative_prompt, image, video, resume) -> _Run:
-        opts = opts.resolve(self.variant)
-        schedule = as_schedule(prompt)
+        plan = prompt if isinstance(prompt, GenerationPlan) else self.plan(prompt, opts)
+        opts, schedule = plan.opts, plan.schedule
         if image is not None and video is not None:
             raise ValueError("pass either image= (image-to-video) or video= (video-to-video), not both")
         mode = "i2v" if image is not None else "v2v" if video is not None else "t2v"
@@ -142,7 +155,6 @@ class HeliosPipeline:
             pixels = self.vae.preprocess(load_image(image), opts.height, opts.width)
         elif resume is None and mode == "v2v":
             pixels = self.vae.preprocess(load_video(video, min_frames=opts.window_frames), opts.height, opts.width)
-        num_chunks, _ = planned_length(opts, schedule)
         if opts.seed is not None:
             seed = opts.seed
         else:  # a resumed run continues with its own seed; a new one draws one and reports it
@@ -154,16 +166,16 @@ class HeliosPipeline:
             raise ValueError("resume: the saved state was made with other settings (prompt, options, seed or model)")
 
         do_cfg = opts.guidance_scale > 1.0
-        texts = self._encode_texts([p for p, _ in schedule] + ([negative_prompt or ""] if do_cfg else []), opts)
+        texts = self._encode_texts(plan.prompts + ([negative_prompt or ""] if do_cfg else []), opts)
         texts, negative = (texts[:-1], texts[-1:]) if do_cfg else (texts, None)
         generator = torch.Generator("cpu").manual_seed(seed)
         if resume is not None:
             generator.set_state(resume.rng_state)
             # A copy on this pipeline's device: the run appends to its history, and the caller's state stays intact.
-            history, first = History.from_state_dict(resume.history.state_dict(), self.device), resume.next_chunk
+            history, first = resume.history.copy(self.device), resume.next_chunk
         else:
             history, first = self._initial_history(opts, pixels, mode, generator), 0
-        return _Run(opts, schedule, texts, negative, history, generator, seed, first, num_chunks, digest)
+        return _Run(plan, texts, negative, history, generator, seed, first, digest)
 
     @torch.inference_mode()
     def _encode_texts(self, prompts: list[str], opts: SamplingOptions) -> torch.Tensor:
@@ -176,7 +188,7 @@ class HeliosPipeline:
                                 opts.keep_first_frame, device=self.device)
         if mode == "i2v":
             history.anchor, fake = self._image_latents(pixels, opts, generator)
-            history.latents[:, :, -1:] = fake
+            history.append(fake)  # the memory's last frame: as if a still clip of the image had been generated
         elif mode == "v2v":
             history.anchor, latents = self._video_latents(pixels, opts, generator)
             history.append(latents)
@@ -208,13 +220,12 @@ class HeliosPipeline:
 
     @torch.inference_mode()
     def _chunk(self, run: _Run, k: int, on_step) -> Chunk:
-        opts, history, model = run.opts, run.history, self.transformer
-        start = time.perf_counter()
-        text = text_for_chunk(run.texts, run.schedule, k, opts.interpolation_steps)
-        latent_hw = (opts.height // 8, opts.width // 8)
-        noise = torch.randn(1, model.config.in_channels, opts.num_latent_frames_per_chunk, *latent_hw,
+        plan, history, model = run.plan, run.history, self.transformer
+        opts, start = plan.opts, time.perf_counter()
+        text = _blended_text(run.texts, *plan.blend(k))
+        noise = torch.randn(1, model.config.in_channels, opts.num_latent_frames_per_chunk, *plan.latent_size,
                             generator=run.generator).to(self.device)
-        schedules = chunk_schedules(self.variant, opts, latent_hw, k == 0, model.config.patch_size)
+        schedules = plan.stage_schedules(k)
         memory = {**history.terms(model.dtype), **history.indices(opts.num_latent_frames_per_chunk)}
 
         def transformer(x, t, context):
@@ -222,32 +233,23 @@ class HeliosPipeline:
 
         velocity = guided_velocity(transformer, text, run.negative, self.variant, opts)
         total, done = sum(len(s) for s in schedules), iter(range(1, 1 + sum(len(s) for s in schedules)))
-        step_hook = None if on_step is None else (lambda: bool(on_step(StepInfo(k, run.num_chunks, next(done), total))))
+        step_hook = None if on_step is None else (lambda: bool(on_step(StepInfo(k, plan.num_chunks, next(done), total))))
         latents = denoise_chunk(velocity, noise, schedules, self.variant, run.generator, model.dtype, step_hook)
         latents = latents.float()
 
-        if opts.keep_first_frame and ((k == 0 and history.anchor is None) or (opts.is_skip_first_chunk and k == 1)):
-            history.anchor = latents[:, :, :1]
-        history.append(latents)
+        history.add_chunk(latents, k, opts.is_skip_first_chunk)
         denoised = time.perf_counter()
-        frames = self.vae.postprocess(self.vae.decode(latents))[: self._frames_to_keep(run, k)]
-        state = GenerationState(dataclasses.replace(history), run.generator.get_state(), k + 1, run.seed, run.fingerprint)
+        frames = self.vae.postprocess(self.vae.decode(latents))[: plan.frames_in_chunk(k)]
+        state = GenerationState(history.copy(), run.generator.get_state(), k + 1, run.seed, run.fingerprint)
         timings = {"denoise_s": denoised - start, "decode_s": time.perf_counter() - denoised}
-        return Chunk(k, frames, latents, run.num_chunks, timings, state)
-
-    @staticmethod
-    def _frames_to_keep(run: _Run, k: int) -> int:
-        """The video is trimmed to 4n + 1 frames at the end (the Wan VAE's frame count): only the last chunk loses frames."""
-        _, total = planned_length(run.opts, run.schedule)
-        return min(run.opts.window_frames, total - run.opts.window_frames * k)
+        return Chunk(k, frames, latents, plan.num_chunks, timings, state)
 
 
-def planned_length(opts: SamplingOptions, prompt) -> tuple[int, int]:
-    """(chunks, frames) of the video `stream` makes with resolved `opts`: at least one chunk per scheduled chunk,
-    and 33 frames per chunk trimmed to 4n + 1 at the end."""
-    schedule = as_schedule(prompt)
-    chunks = max(opts.num_chunks, scheduled_chunks(schedule) if len(schedule) > 1 else 1)
-    return chunks, (opts.window_frames * chunks - 1) // 4 * 4 + 1
+def _blended_text(embeddings: torch.Tensor, a: int, b: int, w: float) -> torch.Tensor:
+    """embeddings [n_prompts, L, D] -> lerp(E_a, E_b, w) as [1, L, D]; exactly E_b when a == b."""
+    if a == b:
+        return embeddings[b : b + 1]
+    return torch.lerp(embeddings[a : a + 1], embeddings[b : b + 1], w)
 
 
 def _noised(latents, sigma_min, sigma_max, frames, generator):

@@ -35,6 +35,22 @@ class History:
         """Remember new latents [B, C, T, h, w] (fp32); only the most recent `capacity` frames are kept."""
         self.latents = torch.cat([self.latents, latents.float()], dim=2)[:, :, -self.capacity :]
 
+    def add_chunk(self, latents: torch.Tensor, chunk: int, skip_first_chunk: bool = False) -> None:
+        """Remember the clean latents of generated chunk `chunk`, and take the anchor from them when it is due.
+
+        The anchor is the first latent of chunk 0 (unless an input image or video gave one), or of chunk 1 with
+        `skip_first_chunk` (when the first chunk came out static). Without keep_first_frame there is no anchor.
+        """
+        due = (chunk == 0 and self.anchor is None) or (skip_first_chunk and chunk == 1)
+        if self.keep_first_frame and due:
+            self.anchor = latents[:, :, :1].float()
+        self.append(latents)
+
+    def copy(self, device=None) -> History:
+        """An independent copy (new tensors), on `device` if given: a snapshot that later chunks cannot change."""
+        anchor = None if self.anchor is None else self.anchor.to(device).clone()
+        return History(self.latents.to(device).clone(), anchor, self.sizes, self.keep_first_frame)
+
     def terms(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The transformer's history inputs: latents_history_{long,mid,short} in `dtype`."""
         long, mid, short = self.latents.split(self.sizes, dim=2)

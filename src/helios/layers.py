@@ -4,21 +4,48 @@ Compared with Wan 2.1 the layers differ in three ways: the modulation is per *se
 are modulated with t=0, current tokens with the real timestep), cross-attention may see only the current tokens,
 and self-attention may amplify the keys of history tokens. Precision follows the reference exactly: LayerNorms,
 modulation, residual adds and the rotary tables run in fp32 ("fp32 islands"), matmuls in the model dtype.
+
+The heavy math (matmuls, attention, norms, the per-span fp32 ops) is in kernels.py; the modules here say what is
+computed, not how fast.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-Span = slice  # a contiguous run of tokens sharing one timestep: history tokens, then current tokens
+from . import kernels
+from .kernels import Span, add_to_tokens, gated_residual, gelu_tanh, layer_norm, modulate, rms_norm
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the tokens of one forward lie: `history` memory tokens [long | mid | short] first, then `current`
+    tokens of the chunk being denoised. Built once per forward and handed to every block.
+
+    `split_timestep`: the history tokens are modulated with the embedding of t=0 and the current ones with the real
+    timestep (zero_history_timestep), so the modulation works on two spans; otherwise on one.
+    """
+
+    history: int
+    current: int
+    split_timestep: bool = False
+
+    @property
+    def spans(self) -> list[Span]:
+        if self.split_timestep and self.history:
+            return [slice(0, self.history), slice(self.history, None)]
+        return [slice(0, None)]
+
+    def current_only(self) -> TokenLayout:
+        """The layout after the history tokens are dropped (the last block's output)."""
+        return TokenLayout(0, self.current)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -117,115 +144,24 @@ def rope_to_complex(grid_tokens: torch.Tensor) -> torch.Tensor:
     return torch.complex(cos.contiguous(), sin.contiguous()).unsqueeze(2)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim with fp32 statistics, in three passes (torch's CPU composite takes six)."""
-    xf = x.float()
-    mean_square = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / x.shape[-1]
-    return (xf * torch.rsqrt(mean_square + eps) * weight.float()).to(x.dtype)
-
-
-@functools.cache
-def _onednn_linear():
-    """oneDNN's fused linear (the kernel torch's own compiled CPU graphs call), or None if this torch has none."""
-    if not torch.backends.mkldnn.is_available():
-        return None
-    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
-    """`x @ weight.T + bias`, then tanh-GELU if `gelu`.
-
-    On CPU, in eager inference, this calls oneDNN's matmul instead of torch's default MKL sgemm: on CPUs where MKL
-    does not run its AVX-512 kernels (AMD) oneDNN is faster, 17 % over the transformer's matmuls (docs/benchmarks.md),
-    with the same products and sums in another blocking order (fp32 results agree to rounding). In fp32 the GELU is
-    fused into the matmul's epilogue, which saves a pass over the FFN's widest tensor; in bf16 it is not, so that the
-    GELU still sees the bf16-rounded product, as in the reference. With autograd on (the oneDNN op has no backward),
-    under torch.compile (Inductor picks its own CPU kernels) and on other devices, it is plain F.linear.
-    """
-    eligible = (
-        not torch.compiler.is_compiling()  # checked first: the compiler must not trace the checks below
-        and not torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and weight.dtype == x.dtype
-        and (bias is None or bias.dtype == x.dtype)
-    )
-    fast = _onednn_linear() if eligible else None
-    fused = fast is not None and gelu and x.dtype == torch.float32
-    if fast is not None:
-        y = fast(x, weight, bias, "gelu" if fused else "none", [], "tanh" if fused else "")
-    else:
-        y = F.linear(x, weight, bias)
-    return gelu_tanh(y) if gelu and not fused else y
-
-
-# scaled_dot_product_attention kernels to prefer per device type, fastest first; torch falls through to the next
-# when one can't take the inputs (dtype, head dim). On Hopper, cuDNN's fused attention leads for bf16.
-SDPA_BACKENDS = {
-    "cuda": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-    "cpu": [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
-}
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Full bidirectional attention. q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H*D].
-
-    The single place attention is computed, so that backends and parallelism are chosen here.
-    """
-    backends = SDPA_BACKENDS.get(q.device.type)
-    with sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext():
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).flatten(2)
-
-
-def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Non-affine LayerNorm in fp32 (the reference's FP32LayerNorm without weights)."""
-    return F.layer_norm(x.float(), x.shape[-1:], eps=eps)
-
-
-def _per_span(out_dtype, like: torch.Tensor, spans: list[Span], op) -> torch.Tensor:
-    """Build a [B, L, D] tensor span by span: op(span, i, out) writes span i. With autograd off, every span is
-    written straight into one buffer (no temporary, no concatenation); with autograd on, the spans are concatenated,
-    because out= arguments cannot be differentiated."""
-    if torch.is_grad_enabled():
-        return torch.cat([op(span, i, None).to(out_dtype) for i, span in enumerate(spans)], dim=1)
-    out = torch.empty(like.shape, dtype=out_dtype, device=like.device)
-    for i, span in enumerate(spans):
-        op(span, i, out[:, span])
-    return out
-
-
-def modulate(x: torch.Tensor, spans: list[Span], shift, scale, dtype: torch.dtype) -> torch.Tensor:
-    """`x * (1 + scale) + shift` in fp32 with one (shift, scale) pair per span of tokens, cast to `dtype`.
-
-    x: [B, L, D] fp32; shift/scale: one [B or 1, 1, D] fp32 tensor per span. Working per span avoids the
-    reference's [B, L, 6, D] fp32 per-token table (1.4 GB per block at 14B, full resolution).
-    """
-    return _per_span(dtype, x, spans, lambda span, i, out: torch.addcmul(shift[i], x[:, span], 1 + scale[i], out=out))
-
-
-def gated_residual(h: torch.Tensor, y: torch.Tensor, gate, spans: list[Span]) -> torch.Tensor:
-    """`h + y * gate` computed in fp32 per span (gate is fp32, so the sum is), cast back to h's dtype."""
-    return _per_span(h.dtype, h, spans, lambda span, i, out: torch.addcmul(h[:, span], y[:, span], gate[i], out=out))
-
-
-def add_to_tokens(h: torch.Tensor, start: int, y: torch.Tensor) -> torch.Tensor:
-    """h with y added to its tokens from `start` on (in the model dtype), in place when autograd is off."""
-    if torch.is_grad_enabled():
-        return torch.cat([h[:, :start], h[:, start:] + y], dim=1)
-    h[:, start:] += y
-    return h
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Modules. Attribute names are the checkpoint keys.
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same keys) computed by linear()."""
+    """nn.Linear (same parameters, same keys) computed by kernels.linear, with an optional fused activation.
+
+    Every matmul of a block goes through one of these, so that quantization and LoRA can replace or wrap them from
+    outside the model. It stays an nn.Linear so that tools that look for linear layers (torchao) find it. A module
+    that replaces one must apply its `activation` (None or "gelu_tanh") to its output.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None):
+        super().__init__(in_features, out_features, bias)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.bias, self.activation)
 
 
 class Modulation(NamedTuple):
@@ -260,6 +196,8 @@ class Attention(nn.Module):
         # Learnt amplification of the history keys (is_amplify_history): "scalar" -> [1], "per_head" -> [heads].
         self.history_key_scale = None if history_scale is None else nn.Parameter(torch.ones(history_scale))
         self.max_history_scale = 10.0
+        # (q [B, Lq, H, D], k, v [B, Lk, H, D]) -> [B, Lq, H*D]; replaceable, e.g. by a sequence-parallel version.
+        self.attention = kernels.attention
 
     def forward(self, x, context=None, rope=None, n_hist: int = 0, query_start: int = 0) -> torch.Tensor:
         """x [B, L, D]; context [B, Lc, D] for cross-attention; rope (complex [B, L, 1, head_dim/2]) for self-attention.
@@ -275,7 +213,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, rope[:, query_start:]), apply_rope(k, rope)
         if self.history_key_scale is not None and n_hist > 0:
             k = self._amplify_history_keys(k, n_hist)
-        return self.to_out[0](attention(q, k, v))
+        return self.to_out[0](self.attention(q, k, v))
 
     def _amplify_history_keys(self, k: torch.Tensor, n_hist: int) -> torch.Tensor:
         # s = 1 + sigmoid(p) * (max - 1), per head. Computed in fp32 and cast back to the key dtype: the reference
@@ -286,14 +224,14 @@ class Attention(nn.Module):
 
 
 class GELUProjection(nn.Module):
-    """Linear followed by tanh-approximate GELU (key "net.0.proj")."""
+    """Linear followed by tanh-approximate GELU (key "net.0.proj"); the GELU is the Linear's fused activation."""
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = Linear(dim_in, dim_out)
+        self.proj = Linear(dim_in, dim_out, activation="gelu_tanh")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.proj.weight, self.proj.bias, gelu=True)
+        return self.proj(x)
 
 
 class FeedForward(nn.Module):
@@ -320,10 +258,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.activation(self.linear_1(x)))
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
 
 
 class ConditionEmbedder(nn.Module):
@@ -353,7 +287,7 @@ class AffineLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+        return layer_norm(x, self.eps, self.weight, self.bias)
 
 
 class TransformerBlock(nn.Module):
@@ -377,17 +311,18 @@ class TransformerBlock(nn.Module):
         """proj [B, 6, D] (model dtype) -> six fp32 [B, 1, D] vectors: the learnt table plus the timestep part."""
         return Modulation(*(self.scale_shift_table.float() + proj.float()).unsqueeze(2).unbind(1))
 
-    def forward(self, h, text, spans: list[Span], projs: list[torch.Tensor], rope, n_hist: int, last: bool = False):
-        """h [B, L, D] = [history | current] tokens; text [B, Lt, D]; one timestep projection per span.
+    def forward(self, h, text, layout: TokenLayout, projs: list[torch.Tensor], rope, last: bool = False):
+        """h [B, L, D] = [history | current] tokens; text [B, Lt, D]; one timestep projection per span of `layout`.
 
         In the last block only the current tokens are computed after self-attention (their queries, output,
-        FFN): the history tokens' outputs would be discarded. Returns [B, L, D], or [B, L - n_hist, D] if last.
+        FFN): the history tokens' outputs would be discarded. Returns [B, L, D], or [B, layout.current, D] if last.
         """
-        mods = [self.modulation(p) for p in projs]
+        mods, spans, n_hist = [self.modulation(p) for p in projs], layout.spans, layout.history
         x = modulate(layer_norm(h, self.eps), spans, [m.shift for m in mods], [m.scale for m in mods], h.dtype)
         attn = self.attn1(x, rope=rope, n_hist=n_hist, query_start=n_hist if last else 0)
         if last and n_hist:  # keep only the current tokens: one span, the current tokens' modulation
-            h, spans, mods, n_hist = h[:, n_hist:], [slice(0, None)], mods[-1:], 0
+            h, mods, layout = h[:, n_hist:], mods[-1:], layout.current_only()
+            spans, n_hist = layout.spans, layout.history
         h = gated_residual(h, attn, [m.gate for m in mods], spans)
 
         # Cross-attention, without gate or modulation, as a plain add in the model dtype. With guidance_cross_attn

@@ -1,4 +1,4 @@
-"""Reading conditioning inputs: an image (I2V) or a video (V2V), given as objects or as file paths.
+"""Reading inputs: an image (I2V) or a video (V2V), given as objects or as file paths, and video files.
 
 Images are read with Pillow, videos with PyAV. Files come back as RGB PIL images; objects are checked and passed
 on. The VAE's preprocessing resizes either to the generation size.
@@ -7,6 +7,7 @@ on. The VAE's preprocessing resizes either to the generation size.
 from __future__ import annotations
 
 import os
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -58,11 +59,23 @@ def load_video(video, min_frames: int = 1) -> list:
 def _read_video_file(path: Path) -> list[PIL.Image.Image]:
     import av  # imported here: only V2V from a file needs PyAV
 
-    from .video_io import read_video
-
     try:
         frames, _ = read_video(path)
     except (OSError, ValueError, av.FFmpegError) as err:
         raise ValueError(f"video: cannot read {path}: {err}") from err
     # PIL images, not arrays: the VAE's preprocessing resizes images with Lanczos, like a frame list from the user.
     return [PIL.Image.fromarray(frame) for frame in frames]
+
+
+def read_video(path: str | os.PathLike) -> tuple[np.ndarray, Fraction]:
+    """(uint8 frames [F, H, W, 3], fps) of a video file, decoded with PyAV."""
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        if not frames:
+            raise ValueError("no frames")
+        return np.stack(frames), Fraction(stream.average_rate)

@@ -20,8 +20,18 @@ import torch
 from torch import nn
 
 from .config import HeliosConfig
-from .layers import ConditionEmbedder, Linear, OutputNorm, TransformerBlock, grid_to_tokens, pad_replicate, rope_table
+from .layers import (
+    ConditionEmbedder,
+    Linear,
+    OutputNorm,
+    TokenLayout,
+    TransformerBlock,
+    grid_to_tokens,
+    pad_replicate,
+    rope_table,
+)
 
+_DEFAULT_CONFIG = HeliosConfig()
 # The multi-term memory, in sequence order. `factor` is how many patches per axis one memory token covers.
 MEMORY_TERMS = (("long", 4), ("mid", 2), ("short", 1))
 
@@ -32,12 +42,42 @@ class TransformerOutput:
 
 
 class HeliosTransformer3DModel(nn.Module):
-    def __init__(self, config: HeliosConfig | None = None, **kwargs):
+    """The Helios video DiT. Build it from the config keys (the defaults are the published 14B model), or from a
+    HeliosConfig; load published weights with `from_pretrained`."""
+
+    def __init__(
+        self,
+        config: HeliosConfig | None = None,
+        *,
+        patch_size: tuple[int, int, int] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 16,
+        out_channels: int | None = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        added_kv_proj_dim: int | None = None,
+        rope_dim: tuple[int, int, int] = (44, 42, 42),
+        rope_theta: float = 10000.0,
+        guidance_cross_attn: bool = True,
+        zero_history_timestep: bool = True,
+        has_multi_term_memory_patch: bool = True,
+        is_amplify_history: bool = False,
+        history_scale_mode: str = "per_head",
+    ):
         super().__init__()
+        values = {k: v for k, v in locals().items() if k not in ("self", "config", "__class__")}
         if config is None:
-            config = HeliosConfig(**kwargs)
-        elif kwargs:
-            raise TypeError("pass either a HeliosConfig or config keyword arguments, not both")
+            config = HeliosConfig(**values)
+        else:
+            changed = sorted(k for k, v in values.items() if v != getattr(_DEFAULT_CONFIG, k))
+            if changed:
+                raise TypeError(f"pass either a HeliosConfig or config keyword arguments, not both (got {changed})")
         self.config = cfg = config
         dim, patch = cfg.inner_dim, cfg.patch_size
 
@@ -51,17 +91,20 @@ class HeliosTransformer3DModel(nn.Module):
         self.norm_out = OutputNorm(dim, cfg.eps)
         self.proj_out = Linear(dim, cfg.output_channels * math.prod(patch))
 
-    # Loading and saving live in weights.py; these are the familiar entry points.
+    # The familiar entry points. Checkpoint IO lives in weights.py, which never imports this module: it is handed
+    # the class to build, so there is no import cycle, and this file holds the model's math only.
     @classmethod
     def from_pretrained(cls, path_or_repo_id, subfolder: str | None = None, torch_dtype=None, device="cpu"):
-        from .weights import load_transformer
+        """Load a folder (config.json + safetensors), a model folder's `subfolder`, or a hub repo id."""
+        from . import weights
 
-        return load_transformer(path_or_repo_id, subfolder=subfolder, torch_dtype=torch_dtype, device=device)
+        return weights.load_transformer(cls, path_or_repo_id, subfolder=subfolder, torch_dtype=torch_dtype,
+                                        device=device)
 
     def save_pretrained(self, directory, max_shard_size: int | str = "10GB") -> None:
-        from .weights import save_transformer
+        from . import weights
 
-        save_transformer(self, directory, max_shard_size=max_shard_size)
+        weights.save_transformer(self, directory, max_shard_size=max_shard_size)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -117,17 +160,17 @@ class HeliosTransformer3DModel(nn.Module):
         cfg = self.config
         rope = rope_table(tuple(rope_terms), cfg.rope_dim, cfg.rope_theta, str(h.device))  # [B, L, 1, head_dim/2]
         n_cur = frames * height * width
-        n_hist = h.shape[1] - n_cur
+        layout = TokenLayout(h.shape[1] - n_cur, n_cur, split_timestep=cfg.zero_history_timestep)
 
         text = self.condition_embedder.text_embedder(encoder_hidden_states.to(dtype))
         temb, proj = self.condition_embedder.embed_time(timestep, dtype)
-        spans, projs = [slice(0, None)], [proj]
-        if self.config.zero_history_timestep and n_hist > 0:
+        projs = [proj]
+        if len(layout.spans) == 2:  # history tokens are modulated with the embedding of t=0
             _, proj_t0 = self.condition_embedder.embed_time(torch.zeros(1, device=timestep.device), dtype)
-            spans, projs = [slice(0, n_hist), slice(n_hist, None)], [proj_t0, proj]
+            projs = [proj_t0, proj]
 
         for i, block in enumerate(self.blocks):
-            h = block(h, text, spans, projs, rope, n_hist, last=i == len(self.blocks) - 1)  # last: current tokens only
+            h = block(h, text, layout, projs, rope, last=i == len(self.blocks) - 1)  # last: current tokens only
 
         out = self.proj_out(self.norm_out(h, temb))  # [B, n_cur, pt*ph*pw*C]
         out = out.reshape(batch, frames, height, width, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)

@@ -1,4 +1,4 @@
-"""What to generate and how: SamplingOptions, and the model variant (sampler + defaults) read from a model folder.
+"""What to generate and how: SamplingOptions, and the model variant (its sampler and defaults).
 
 The three published models differ only in how they sample (spec §3.7):
   base       HeliosPipeline: UniPC, 50 steps at full resolution, CFG 5
@@ -9,21 +9,19 @@ The three published models differ only in how they sample (spec §3.7):
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 from .schedule import SchedulerConfig
 
-PIPELINE_CLASSES = ("HeliosPipeline", "HeliosPyramidPipeline")
-
 # Settings of the official inference scripts per variant (spec §3.7); anything left None in SamplingOptions.
+_SIZE = dict(height=384, width=640)
 VARIANT_DEFAULTS = {
-    "base": dict(num_frames=99, num_inference_steps=50, guidance_scale=5.0),
-    "mid": dict(num_frames=99, pyramid_num_inference_steps_list=(20, 20, 20), guidance_scale=5.0),
+    "base": dict(_SIZE, num_frames=99, num_inference_steps=50, guidance_scale=5.0),
+    "mid": dict(_SIZE, num_frames=99, pyramid_num_inference_steps_list=(20, 20, 20), guidance_scale=5.0),
     "distilled": dict(
-        num_frames=240, pyramid_num_inference_steps_list=(2, 2, 2), guidance_scale=1.0, is_amplify_first_chunk=True
+        _SIZE, num_frames=240, pyramid_num_inference_steps_list=(2, 2, 2), guidance_scale=1.0,
+        is_amplify_first_chunk=True,
     ),
 }
 
@@ -38,7 +36,7 @@ DEFAULT_NEGATIVE_PROMPT = (
 
 @dataclass(frozen=True)
 class Variant:
-    """How a model folder samples: read from model_index.json and scheduler/scheduler_config.json."""
+    """How a model samples (read from a model folder by folder.read_variant)."""
 
     name: str  # "base" | "mid" | "distilled"
     scheduler: SchedulerConfig
@@ -49,25 +47,13 @@ class Variant:
     def is_pyramid(self) -> bool:
         return self.name != "base"
 
-    @classmethod
-    def from_folder(cls, folder: Path) -> Variant:
-        index = _read_json(folder / "model_index.json")
-        pipeline = index.get("_class_name")
-        if pipeline not in PIPELINE_CLASSES:
-            raise ValueError(f"{folder / 'model_index.json'}: _class_name must be one of {PIPELINE_CLASSES}, got {pipeline!r}")
-        scheduler = SchedulerConfig.from_dict(_read_json(folder / "scheduler" / "scheduler_config.json"))
-        if pipeline == "HeliosPipeline":
-            return cls("base", scheduler)
-        distilled = bool(index.get("is_distilled", False))
-        return cls("distilled" if distilled else "mid", scheduler, bool(index.get("is_cfg_zero_star", False)), distilled)
-
 
 @dataclass(frozen=True)
 class SamplingOptions:
     """Generation settings, named as the reference's arguments. None means "the model variant's default"."""
 
-    height: int = 384
-    width: int = 640
+    height: int | None = None  # 384 for the published models
+    width: int | None = None  # 640
     num_frames: int | None = None
     num_inference_steps: int | None = None  # base
     guidance_scale: float | None = None
@@ -89,9 +75,10 @@ class SamplingOptions:
     interpolation_steps: int = 3  # chunks over which a new prompt of a schedule is blended in
     seed: int | None = None  # None: a random seed, reported in the result
 
-    def resolve(self, variant: Variant) -> SamplingOptions:
-        """Fill the None fields with the variant's defaults and check everything before any heavy work."""
-        defaults = {**VARIANT_DEFAULTS[variant.name]}
+    def resolve(self, variant: Variant, defaults: dict | None = None) -> SamplingOptions:
+        """Fill the None fields with `defaults` (the variant's, VARIANT_DEFAULTS, unless given) and check everything
+        before any heavy work."""
+        defaults = dict(VARIANT_DEFAULTS[variant.name] if defaults is None else defaults)
         if not variant.is_pyramid:
             defaults.update(pyramid_num_inference_steps_list=(), is_amplify_first_chunk=False)
         else:
@@ -139,20 +126,8 @@ class SamplingOptions:
         """Pixel frames per chunk: (9 - 1) * 4 + 1 = 33."""
         return (self.num_latent_frames_per_chunk - 1) * 4 + 1
 
-    @property
-    def num_chunks(self) -> int:
-        return max(1, -(-self.num_frames // self.window_frames))
-
 
 def _positive(name: str, value, what: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer ({what}), got {value!r}")
 
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (a Helios model folder needs model_index.json and scheduler/)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err

@@ -16,8 +16,6 @@ import csv
 from itertools import accumulate
 from pathlib import Path
 
-import torch
-
 PromptSchedule = list[tuple[str, int]]
 
 
@@ -51,14 +49,6 @@ def blend_for_chunk(schedule: PromptSchedule, chunk: int, steps: int) -> tuple[i
     if j == 0 or into >= steps - 1:  # weight 1 (and steps = 1): the new prompt exactly, not lerp(a, b, 1.0)
         return j, j, 1.0
     return j - 1, j, into / (steps - 1)
-
-
-def text_for_chunk(embeddings: torch.Tensor, schedule: PromptSchedule, chunk: int, steps: int) -> torch.Tensor:
-    """embeddings [n_prompts, L, D] -> the [1, L, D] text embedding of one chunk."""
-    a, b, w = blend_for_chunk(schedule, chunk, steps)
-    if a == b:
-        return embeddings[b : b + 1]
-    return torch.lerp(embeddings[a : a + 1], embeddings[b : b + 1], w)
 
 
 def read_schedule(path, chunks_per_prompt: int = 7, video_id: str | None = None) -> PromptSchedule:

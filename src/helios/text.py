@@ -30,11 +30,11 @@ class TextEncoder:
         self.tokenizer = tokenizer
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> TextEncoder:
-        """Load `folder/text_encoder` and `folder/tokenizer` (the published model layout)."""
-        folder = Path(folder)
-        model = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype).to(device)
-        return cls(model, AutoTokenizer.from_pretrained(folder / "tokenizer"))
+    def from_pretrained(cls, encoder: str | Path, tokenizer: str | Path, dtype: torch.dtype = torch.float32,
+                        device="cpu") -> TextEncoder:
+        """Load the encoder and tokenizer folders (a model folder's text_encoder/ and tokenizer/)."""
+        model = UMT5EncoderModel.from_pretrained(Path(encoder), dtype=dtype).to(device)
+        return cls(model, AutoTokenizer.from_pretrained(Path(tokenizer)))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -44,11 +44,8 @@ class VideoVAE:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> VideoVAE:
-        """Load `folder/vae` (a model folder) or `folder` itself (a VAE folder). fp32 like every official script."""
-        folder = Path(folder)
-        if (folder / "vae" / "config.json").is_file():
-            folder = folder / "vae"
-        return cls(AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype).to(device))
+        """Load a VAE folder (a model folder's vae/). fp32 like every official script."""
+        return cls(AutoencoderKLWan.from_pretrained(Path(folder), torch_dtype=dtype).to(device))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,4 +1,4 @@
-"""Video files of the `helios` command: H.264 in fragmented MP4, written one fragment per chunk as chunks arrive.
+"""Writing video files (the `helios` command's and the server's): H.264 in fragmented MP4, written one fragment per chunk as chunks arrive.
 
 Why fragments: a plain MP4 writes its index (`moov`) when it is closed, so a run that dies leaves an unplayable file.
 A fragmented MP4 starts with an empty index and then appends self-describing `moof` + `mdat` fragments, so every
@@ -196,18 +196,6 @@ def read_fragments(path: Path) -> tuple[bytes, list[tuple[int, int, int]]]:
     if not header:
         raise ValueError(f"{path}: not a fragmented MP4 written by helios")
     return header, fragments
-
-
-def read_video(path: str | os.PathLike) -> tuple[np.ndarray, Fraction]:
-    """(uint8 frames [F, H, W, 3], fps) of a video file, decoded with PyAV."""
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError("no video stream")
-        stream = container.streams.video[0]
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-        if not frames:
-            raise ValueError("no frames")
-        return np.stack(frames), Fraction(stream.average_rate)
 
 
 def _header(data: bytes) -> bytes:

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import HeliosConfig
+from .folder import resolve_directory
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -30,31 +31,11 @@ SHARD_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
 KEEP_FP32 = frozenset({"time_embedder", "scale_shift_table", "norm1", "norm2", "norm3", "history_key_scale"})
 # Keys the reference skips when present in a checkpoint (Wan image-to-video leftovers). We skip them too, loudly.
 IGNORED_KEYS = re.compile(r"norm_added_q")
-REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 
 
 def param_dtype(name: str, torch_dtype: torch.dtype) -> torch.dtype:
     """The dtype parameter `name` gets when loading with torch_dtype (the reference's policy)."""
     return torch.float32 if KEEP_FP32.intersection(name.split(".")) else torch_dtype
-
-
-def resolve_directory(path_or_repo_id: str | os.PathLike, subfolder: str | None = None) -> Path:
-    """A local folder, or a hub repo id resolved through huggingface_hub (cache first; HF_HUB_OFFLINE respected)."""
-    path = Path(path_or_repo_id).expanduser()
-    if not path.exists() and REPO_ID.match(str(path_or_repo_id)):
-        from huggingface_hub import snapshot_download
-
-        patterns = [f"{subfolder}/*"] if subfolder else None
-        try:
-            path = Path(snapshot_download(str(path_or_repo_id), allow_patterns=patterns))
-        except Exception as err:  # hub errors are many classes; the message is what the user needs
-            raise FileNotFoundError(
-                f"{path_or_repo_id}: not a local folder, and the Hugging Face hub could not provide it: {err}"
-            ) from err
-    directory = path / subfolder if subfolder else path
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such model folder")
-    return directory
 
 
 def read_config(directory: Path) -> HeliosConfig:
@@ -89,13 +70,12 @@ def weight_files(directory: Path) -> dict[Path, list[str] | None]:
     raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME} and no {INDEX_NAME}")
 
 
-def load_transformer(path_or_repo_id, subfolder=None, torch_dtype=None, device="cpu"):
-    from .model import HeliosTransformer3DModel
-
+def load_transformer(model_class, path_or_repo_id, subfolder=None, torch_dtype=None, device="cpu"):
+    """Build `model_class(config)` on the meta device and assign the checkpoint's tensors to it, strictly."""
     directory = resolve_directory(path_or_repo_id, subfolder)
     config = read_config(directory)
     with torch.device("meta"):
-        model = HeliosTransformer3DModel(config)
+        model = model_class(config)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     state = read_state_dict(weight_files(directory), expected, torch_dtype or torch.float32, device)
     model.load_state_dict(state, strict=True, assign=True)

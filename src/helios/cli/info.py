@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .generate import COMPONENTS
+from ..folder import COMPONENTS, read_variant
 
 _MAX_HEADER = 100 * 2**20  # a safetensors header is JSON; anything bigger is not one
 
@@ -31,13 +31,14 @@ class Component:
 
 def describe(folder: Path, title: str, defaults: dict | None = None, quick: bool = False) -> tuple[list[str], bool]:
     """The report's lines and whether every component passed its check."""
-    from .config import HeliosConfig
-    from .options import SamplingOptions, Variant
+    from ..config import HeliosConfig
+    from ..options import VARIANT_DEFAULTS, SamplingOptions
+    from ..plan import make_plan
 
     index = json.loads((folder / "model_index.json").read_text())
-    variant = Variant.from_folder(folder)
+    variant = read_variant(folder)
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    opts = SamplingOptions(**(defaults or {})).resolve(variant)
+    plan = make_plan("", SamplingOptions(), variant, {**VARIANT_DEFAULTS[variant.name], **(defaults or {})})
     flags = ", ".join(f"{k}={index[k]}" for k in ("is_distilled", "is_cfg_zero_star") if k in index)
     cfg = variant.scheduler
     lines = [
@@ -47,7 +48,7 @@ def describe(folder: Path, title: str, defaults: dict | None = None, quick: bool
         f"sampler      {scheduler.get('_class_name')}: {cfg.scheduler_type}, {cfg.stages} stage(s), "
         f"{'dynamic ' + cfg.time_shift_type + ' shift' if cfg.use_dynamic_shifting else f'shift {cfg.shift}'}, "
         f"gamma {cfg.gamma:.4g}",
-        f"defaults     {_defaults(opts, variant)}",
+        f"defaults     {_defaults(plan)}",
     ]
     components = [_component(folder, name, quick) for name in COMPONENTS]
     try:
@@ -61,11 +62,12 @@ def describe(folder: Path, title: str, defaults: dict | None = None, quick: bool
     return lines, all(c.status == "OK" for c in components)
 
 
-def _defaults(opts, variant) -> str:
-    steps = (f"pyramid steps {list(opts.pyramid_num_inference_steps_list)}" if variant.is_pyramid
+def _defaults(plan) -> str:
+    opts = plan.opts
+    steps = (f"pyramid steps {list(opts.pyramid_num_inference_steps_list)}" if plan.variant.is_pyramid
              else f"{opts.num_inference_steps} steps")
     amplify = ", amplified first chunk" if opts.is_amplify_first_chunk else ""
-    return (f"{opts.height}x{opts.width}, {opts.num_frames} frames ({opts.num_chunks} chunks of "
+    return (f"{opts.height}x{opts.width}, {opts.num_frames} frames ({plan.num_chunks} chunks of "
             f"{opts.window_frames}), {steps}{amplify}, guidance {opts.guidance_scale:g}")
 
 
@@ -106,14 +108,14 @@ def _check(folder: Path, name: str, headers: dict, dtypes: Counter, quick: bool)
 
     dtype = getattr(torch, max(dtypes, key=dtypes.get)) if dtypes else torch.float32  # load as stored
     if name == "transformer":
-        from .model import HeliosTransformer3DModel
+        from ..model import HeliosTransformer3DModel
 
         if quick:
             _check_transformer_headers(folder / name, headers)
         else:
             HeliosTransformer3DModel.from_pretrained(folder, name, torch_dtype=dtype, device="cpu")
     elif name == "vae" and not quick:
-        from .vae import VideoVAE
+        from ..vae import VideoVAE
 
         VideoVAE.from_pretrained(folder / name)
     elif name == "text_encoder" and not quick:
@@ -125,7 +127,7 @@ def _check(folder: Path, name: str, headers: dict, dtypes: Counter, quick: bool)
 
         AutoTokenizer.from_pretrained(folder / name)
     elif name == "scheduler":
-        from .schedule import SchedulerConfig
+        from ..schedule import SchedulerConfig
 
         SchedulerConfig.from_dict(json.loads((folder / name / "scheduler_config.json").read_text()))
     elif quick:
@@ -138,8 +140,8 @@ def _check_transformer_headers(directory: Path, headers: dict) -> None:
     """The strict-loading check without reading a weight: names and shapes against a model built on `meta`."""
     import torch
 
-    from .model import HeliosTransformer3DModel
-    from .weights import read_config, weight_files
+    from ..model import HeliosTransformer3DModel
+    from ..weights import read_config, weight_files
 
     listed = set(weight_files(directory))  # checks the index and that every shard it names exists
     with torch.device("meta"):

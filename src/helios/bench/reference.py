@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from .config import HeliosConfig
-from .history import History
-from .model import HeliosTransformer3DModel
-from .weights import param_dtype
+from ..config import HeliosConfig
+from ..history import History
+from ..model import HeliosTransformer3DModel
+from ..weights import param_dtype
 
 
 def reference_module():
@@ -65,7 +65,7 @@ def helios_inputs(cfg: HeliosConfig, args, device, dtype) -> dict:
     h, w = args.height // 8, args.width // 8
     hh, hw = (args.history_height or args.height) // 8, (args.history_width or args.width) // 8
     memory = History.empty(1, cfg.in_channels, hh, hw)
-    memory.latents = torch.randn(memory.latents.shape, generator=g)
+    memory.append(torch.randn(memory.latents.shape, generator=g))  # a full memory
     memory.anchor = torch.randn(1, cfg.in_channels, 1, hh, hw, generator=g)
     inputs = {**memory.terms(dtype), **memory.indices(9)}
     inputs.update(hidden_states=torch.randn(1, cfg.in_channels, 9, h, w, generator=g).to(dtype),
@@ -149,7 +149,7 @@ def bench_transformer(args) -> dict:
     cfg = transformer_config(args)
     ref, ours = build_pair(cfg, device, dtype)
     if args.compile:
-        from .speed import compile_blocks
+        from ..speed import compile_blocks
 
         compile_blocks(ours)
     inputs = helios_inputs(cfg, args, device, dtype)
@@ -251,9 +251,9 @@ def _rss_peak() -> int:
 
 
 def bench_pipeline(args) -> dict:
-    from .generate import HeliosPipeline
-    from .options import SamplingOptions
-    from .tiny import build_tiny_model
+    from ..generate import HeliosPipeline
+    from ..options import SamplingOptions
+    from ..tiny import build_tiny_model
 
     diffusers = reference_module()
     root = Path(tempfile.mkdtemp(prefix="helios-bench-"))
@@ -397,6 +397,3 @@ def main(argv=None) -> None:
     pairs = f" (median of per-pair ratios {result['pair_ratio_median']:.3f})" if "pair_ratio_median" in result else ""
     print(f"ratio ours / reference: {summary:.3f}{pairs}", file=sys.stderr)
 
-
-if __name__ == "__main__":
-    main()

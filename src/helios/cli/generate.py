@@ -10,37 +10,37 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .catalog import check_model_name, model_folder, noise_notice
-from .cli import EXIT_INTERRUPTED, GenerationFailed, quiet_libraries, check_writable
+from ..folder import check_model_name, noise_notice, open_model
+from ..video_io import SUFFIXES, VideoSettings, VideoWriter, partial_path, to_uint8
+from .common import EXIT_INTERRUPTED, GenerationFailed, check_writable, quiet_libraries
 from .progress import Progress, peak_memory
-from .video_io import SUFFIXES, VideoSettings, VideoWriter, partial_path, to_uint8
 
 
 def generate(args) -> int:
     _check_paths(args)
     check_model_name(args.model)
-    from .options import Variant
-    from .prompts import read_schedule
-    from .state import GenerationState
+    from ..prompts import read_schedule
+    from ..state import GenerationState
 
     prompt = (read_schedule(args.prompt_schedule, args.chunks_per_prompt, args.schedule_id)
               if args.prompt_schedule else args.prompt)
     state = GenerationState.load(args.resume) if args.resume else None
     media = {} if state else _media(args)  # a resumed run finds the conditioning in its saved memory
     quiet_libraries(args.debug)
-    from .generate import HeliosPipeline  # the heavy imports (transformers, diffusers) after the cheap checks
+    from ..generate import HeliosPipeline  # the heavy imports (transformers, diffusers) after the cheap checks
+    from ..plan import make_plan
 
-    with model_folder(args.model) as (folder, builtin):
-        variant = Variant.from_folder(folder)
-        opts = _options(args, builtin.defaults if builtin else {}, prompt).resolve(variant)
+    with open_model(args.model) as model:
+        # The plan checks the options against the model's config files before any weights are read.
+        plan = make_plan(prompt, _options(args), model.variant, model.defaults, patch_size=model.patch_size)
         device, dtype = _device_and_dtype(args)
-        pipe = HeliosPipeline.from_pretrained(folder, torch_dtype=dtype, device=device)
+        pipe = HeliosPipeline.from_pretrained(model, torch_dtype=dtype, device=device)
         if args.compile:
-            from .speed import compile_blocks
+            from ..speed import compile_blocks
 
             compile_blocks(pipe.transformer)
-        notice = noise_notice(args.model) if builtin and not args.quiet else None
-        return _generate_to_file(pipe, args, opts, prompt, media, state, notice)
+        notice = noise_notice(args.model) if model.builtin and not args.quiet else None
+        return _generate_to_file(pipe, args, plan, media, state, notice)
 
 
 def _check_paths(args) -> None:
@@ -60,28 +60,23 @@ def _check_paths(args) -> None:
         raise ValueError("--prompt is empty")
 
 
-def _options(args, defaults: dict, prompt):
-    """SamplingOptions from the flags; None leaves a field to the model's defaults (a built-in model's first)."""
-    from .options import SamplingOptions
-    from .prompts import scheduled_chunks
+def _options(args):
+    """SamplingOptions from the flags; None leaves a field to the model's defaults (the plan fills them in)."""
+    from ..options import SamplingOptions
 
-    values = dict(defaults)
-    if not isinstance(prompt, str) and args.num_frames is None:  # a schedule sets the length
-        values["num_frames"] = scheduled_chunks(prompt) * SamplingOptions().window_frames
     given = dict(
         height=args.height, width=args.width, num_frames=args.num_frames, num_inference_steps=args.steps,
         guidance_scale=args.guidance, is_amplify_first_chunk=args.amplify_first_chunk,
         pyramid_num_inference_steps_list=tuple(args.pyramid_steps) if args.pyramid_steps else None,
         is_skip_first_chunk=args.skip_first_chunk, interpolation_steps=args.interpolation_steps, seed=args.seed,
     )
-    values.update({k: v for k, v in given.items() if v is not None})
-    return SamplingOptions(**values)
+    return SamplingOptions(**{k: v for k, v in given.items() if v is not None})
 
 
 def _media(args) -> dict:
     """Read the conditioning image / video now, so that a bad file fails before the model loads."""
-    from .media import load_image, load_video
-    from .options import SamplingOptions
+    from ..media import load_image, load_video
+    from ..options import SamplingOptions
 
     if args.image is not None:
         return {"image": load_image(args.image)}
@@ -106,16 +101,15 @@ def _device_and_dtype(args):
     return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _generate_to_file(pipe, args, opts, prompt, media: dict, state, notice: str | None) -> int:
-    from .generate import planned_length
-    from .options import DEFAULT_NEGATIVE_PROMPT
+def _generate_to_file(pipe, args, plan, media: dict, state, notice: str | None) -> int:
+    from ..options import DEFAULT_NEGATIVE_PROMPT
 
-    num_chunks, total = planned_length(opts, prompt)
+    num_chunks, total, opts = plan.num_chunks, plan.num_frames, plan.opts
     first = state.next_chunk if state is not None else 0
-    done = min(first * opts.window_frames, total)
+    done = plan.frames_before(first)
     progress = Progress("quiet" if args.quiet else "json" if args.json else "bar", num_chunks, total, first, done)
     negative = DEFAULT_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
-    stream = pipe.stream(prompt, opts, negative_prompt=negative, resume=state, on_step=progress.step, **media)
+    stream = pipe.stream(plan, negative_prompt=negative, resume=state, on_step=progress.step, **media)
     if first >= num_chunks and args.output.is_file() and not partial_path(args.output).exists():
         print(f"helios: nothing to resume: {args.resume} is the state after the last chunk of {args.output}",
               file=sys.stderr)

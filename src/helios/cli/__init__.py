@@ -1,6 +1,6 @@
 """The `helios` command: generate videos to files, and inspect models.
 
-A thin consumer of generate.py. It checks what it can before loading anything heavy (paths, the model name, sizes),
+A thin consumer of the library (generate.py, plan.py, folder.py). It checks what it can before loading anything heavy (paths, the model name, sizes),
 then writes the pipeline's chunks to a video file as they arrive (video_io.py) while reporting progress
 (progress.py). Errors are one line on stderr: exit code 2 for bad input, 1 for other failures, 130 for Ctrl-C;
 --debug shows the traceback instead.
@@ -9,14 +9,13 @@ then writes the pipeline's chunks to a video file as they arrive (video_io.py) w
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
-from . import __version__
-from .catalog import BUILTIN_MODELS, PUBLISHED
+from .. import __version__
+from ..folder import BUILTIN_MODELS, PUBLISHED
+from .common import BAD_INPUT, EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, quiet_libraries
 
 EXAMPLES = f"""
 examples:
@@ -40,14 +39,6 @@ examples:
 
 built-in models: {", ".join(BUILTIN_MODELS)} (tiny random weights; no download)
 """
-BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
-
-
-class GenerationFailed(RuntimeError):
-    """A failure after generation started (not bad input): exit code 1."""
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: the usage is one --help away."""
 
@@ -187,53 +178,22 @@ def _positive_fps(text: str):
 
 
 def _run_generate(args) -> int:
-    from .cli_generate import generate
+    from .generate import generate
 
     return generate(args)
 
 
 def _run_info(args) -> int:
-    from .catalog import model_folder
+    from ..folder import BUILTIN_MODELS, model_path
     from .info import describe
 
     quiet_libraries(args.debug)
-    with model_folder(args.model) as (folder, builtin):
+    with model_path(args.model) as (folder, builtin):
         title = (f"{args.model}: built-in tiny model with random weights (its videos are noise), built in a "
                  "temporary folder"
                  if builtin else f"{args.model}: {folder.resolve()}")
-        lines, ok = describe(folder, title, builtin.defaults if builtin else None, quick=args.quick)
+        lines, ok = describe(folder, title, BUILTIN_MODELS[builtin].defaults if builtin else None, quick=args.quick)
     print("\n".join(lines))
     return 0 if ok else EXIT_FAILURE
 
 
-def quiet_libraries(debug: bool) -> None:
-    """Keep transformers' progress bars and advice out of the command's output (--debug keeps them)."""
-    if debug:
-        return
-    import logging
-
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    for name in ("transformers", "diffusers", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def check_writable(path: Path, what: str) -> None:
-    """Fail now, not after an hour of generation, if `path` cannot be written."""
-    if path.is_dir():
-        raise IsADirectoryError(f"{what} {path} is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"{what} {path}: the folder {parent} does not exist")
-    try:
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.")
-    except OSError as err:
-        raise PermissionError(f"{what} {path} cannot be written: cannot create a file in {parent} "
-                              f"({err.strerror or err})") from err
-    os.close(fd)
-    os.unlink(probe)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

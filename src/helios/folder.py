@@ -1,0 +1,200 @@
+"""Model folders: the published layout, read in one place, and the names a model can be given by.
+
+A Helios model folder is laid out like the published repos (BestWishYsh/Helios-Base, -Mid, -Distilled):
+
+    model_index.json                  pipeline class + flags: which sampler (the variant) the weights are for
+    scheduler/scheduler_config.json   the sampler's settings
+    transformer/                      config.json + safetensors (single file or shards with an index)
+    vae/                              the Wan VAE (diffusers AutoencoderKLWan)
+    text_encoder/, tokenizer/         UMT5 (transformers)
+
+A model is named by a local folder, a Hugging Face repo id (fetched into, or found in, the hub cache;
+HF_HUB_OFFLINE is respected), or a built-in name: a deterministic tiny model with random weights (tiny.py), built in a
+temporary folder that lives as long as whoever opened it. Building takes well under a second and gives the same bytes
+every time, so it is not cached. The built-in models carry their own defaults (a small size, a short video) so that a
+first run on a laptop CPU takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:  # imported where used: naming a model must not cost importing torch
+    from .options import Variant
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+PIPELINE_CLASSES = ("HeliosPipeline", "HeliosPyramidPipeline")
+REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+PUBLISHED = ("BestWishYsh/Helios-Base", "BestWishYsh/Helios-Mid", "BestWishYsh/Helios-Distilled")
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    variant: str  # "base" | "mid" | "distilled": the sampler and defaults of that published model
+    defaults: dict = field(default_factory=dict)  # SamplingOptions fields that override the variant's defaults
+
+
+# 192x320 (a half-size 384x640) and three chunks: a few seconds per chunk on two CPU cores.
+_TINY = dict(height=192, width=320, num_frames=99)
+BUILTIN_MODELS = {
+    "helios-tiny": BuiltinModel("distilled", _TINY),
+    "helios-tiny-mid": BuiltinModel("mid", _TINY),
+    "helios-tiny-base": BuiltinModel("base", _TINY),
+}
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A resolved, checked model folder: where it is, how it samples, and its defaults."""
+
+    path: Path
+    variant: Variant
+    builtin: str | None = None  # the built-in model's name, if it is one
+
+    @property
+    def defaults(self) -> dict:
+        """SamplingOptions values for every field left unset: the variant's, then a built-in model's own."""
+        from .options import VARIANT_DEFAULTS
+
+        own = BUILTIN_MODELS[self.builtin].defaults if self.builtin else {}
+        return {**VARIANT_DEFAULTS[self.variant.name], **own}
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """The transformer's patch size, from its config.json (the sampler's schedules depend on it)."""
+        config = read_json(self.component("transformer") / "config.json")
+        return tuple(config.get("patch_size", (1, 2, 2)))
+
+    def component(self, name: str) -> Path:
+        """The folder of one component (a name from COMPONENTS)."""
+        return self.path / name
+
+
+def read_folder(path: str | os.PathLike, builtin: str | None = None) -> ModelFolder:
+    """Check that `path` holds a whole model folder and read its variant; errors name the missing parts."""
+    path = Path(path)
+    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    if not (path / "model_index.json").is_file():
+        missing.insert(0, "model_index.json")
+    if missing:
+        raise FileNotFoundError(f"{path}: not a complete Helios model folder, missing {', '.join(missing)}")
+    return ModelFolder(path, read_variant(path), builtin)
+
+
+def read_variant(folder: Path) -> Variant:
+    """How a model folder samples: from model_index.json and scheduler/scheduler_config.json."""
+    from .options import Variant
+    from .schedule import SchedulerConfig
+
+    index = read_json(folder / "model_index.json")
+    pipeline = index.get("_class_name")
+    if pipeline not in PIPELINE_CLASSES:
+        raise ValueError(f"{folder / 'model_index.json'}: _class_name must be one of {PIPELINE_CLASSES}, got {pipeline!r}")
+    scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
+    if pipeline == "HeliosPipeline":
+        return Variant("base", scheduler)
+    distilled = bool(index.get("is_distilled", False))
+    return Variant("distilled" if distilled else "mid", scheduler, bool(index.get("is_cfg_zero_star", False)), distilled)
+
+
+def check_model_name(name: str) -> None:
+    """Fail fast (before loading anything heavy) on a name that is no built-in, folder or repo id."""
+    if name in BUILTIN_MODELS or Path(name).expanduser().exists() or REPO_ID.match(name):
+        return
+    raise ValueError(
+        f"unknown model {name!r}: not a built-in model ({', '.join(BUILTIN_MODELS)}), not an existing folder, "
+        f"and not a Hugging Face repo id such as {PUBLISHED[2]}"
+    )
+
+
+@contextmanager
+def open_model(name: str | os.PathLike) -> Iterator[ModelFolder]:
+    """The checked model folder of a name; a built-in model's temporary folder lives for the `with`."""
+    holder, model = open_model_folder(name)
+    try:
+        yield model
+    finally:
+        if holder is not None:
+            holder.cleanup()
+
+
+@contextmanager
+def model_path(name: str | os.PathLike) -> Iterator[tuple[Path, str | None]]:
+    """(folder, built-in name or None) of a name, unchecked (for reporting on incomplete folders)."""
+    holder, path, builtin = _locate(name)
+    try:
+        yield path, builtin
+    finally:
+        if holder is not None:
+            holder.cleanup()
+
+
+def open_model_folder(name) -> tuple[tempfile.TemporaryDirectory | None, ModelFolder]:
+    """(the temporary directory to keep alive, or None; the checked model folder) of a folder, a hub repo id, a
+    built-in name, or a ModelFolder."""
+    if isinstance(name, ModelFolder):
+        return None, name
+    holder, path, builtin = _locate(name)
+    try:
+        return holder, read_folder(path, builtin)
+    except BaseException:
+        if holder is not None:
+            holder.cleanup()
+        raise
+
+
+def _locate(name) -> tuple[tempfile.TemporaryDirectory | None, Path, str | None]:
+    name = str(name) if isinstance(name, os.PathLike) else name
+    if not isinstance(name, str):
+        raise ValueError(f"model must be a folder, a hub repo id or a built-in name, got {type(name).__name__}")
+    check_model_name(name)
+    if name not in BUILTIN_MODELS:
+        return None, resolve_directory(name), None
+    from .tiny import build_tiny_model
+
+    holder = tempfile.TemporaryDirectory(prefix=f"{name}-")
+    try:
+        return holder, build_tiny_model(Path(holder.name) / name, variant=BUILTIN_MODELS[name].variant, seed=0), name
+    except BaseException:
+        holder.cleanup()
+        raise
+
+
+def resolve_directory(path_or_repo_id: str | os.PathLike, subfolder: str | None = None) -> Path:
+    """A local folder, or a hub repo id resolved through huggingface_hub (cache first; HF_HUB_OFFLINE respected)."""
+    path = Path(path_or_repo_id).expanduser()
+    if not path.exists() and REPO_ID.match(str(path_or_repo_id)):
+        from huggingface_hub import snapshot_download
+
+        patterns = [f"{subfolder}/*"] if subfolder else None
+        try:
+            path = Path(snapshot_download(str(path_or_repo_id), allow_patterns=patterns))
+        except Exception as err:  # hub errors are many classes; the message is what the user needs
+            raise FileNotFoundError(
+                f"{path_or_repo_id}: not a local folder, and the Hugging Face hub could not provide it: {err}"
+            ) from err
+    directory = path / subfolder if subfolder else path
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such model folder")
+    return directory
+
+
+def noise_notice(name: str) -> str:
+    return (f"{name} is a tiny model with random weights, built on the fly so that the command runs anywhere: "
+            f"its videos are noise. For real videos use --model {PUBLISHED[2]} (GPU).")
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (a Helios model folder needs model_index.json and scheduler/)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
