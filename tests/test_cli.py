@@ -21,7 +21,11 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from helpers import write_video
+
 from helios.media import read_video
+
+pytestmark = pytest.mark.slow  # real `helios` processes
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINT = Path(sys.executable).parent / "helios"  # what `pip install -e .` puts beside the interpreter
@@ -113,14 +117,8 @@ def started(tmp_path_factory) -> dict[str, Started]:
 
 
 def write_clip(path) -> None:
-    """40 frames (more than one 33-frame chunk) at another size than the output, written with PyAV."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=24)
-        stream.width, stream.height, stream.pix_fmt = 96, 48, "yuv420p"
-        for i in range(40):
-            rgb = np.full((48, 96, 3), (6 * i, 100, 255 - 6 * i), np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        container.mux(stream.encode())
+    """40 frames (more than one 33-frame chunk) at another size than the output."""
+    write_video(path, np.stack([np.full((48, 96, 3), (6 * i, 100, 255 - 6 * i), np.uint8) for i in range(40)]))
 
 
 def test_text_to_video_writes_the_file_and_json_lines(started):

@@ -13,12 +13,13 @@ import pytest
 import torch
 from diffusers.pipelines.helios.pipeline_helios_pyramid import prompt_clean as reference_prompt_clean
 
+from helpers import REFERENCE_CLASSES, allow_singular_block_noise, contiguous_outputs
+
 from helios import HeliosTransformer3DModel
 from helios.text import TextEncoder, clean_prompt
 from helios.tiny import TINY_UMT5, WORDS, build_tiny_model
 from helios.vae import VideoVAE
 
-REFERENCE_CLASSES = {"base": "HeliosPipeline", "mid": "HeliosPyramidPipeline", "distilled": "HeliosPyramidPipeline"}
 H, W = 32, 48  # pixels for the VAE tests: multiples of 8, not square
 MESSY = [
     "  A cat &amp;amp; a dog\n\tbaking a   cake &lt;3 ",  # doubly escaped entities, tabs, newlines, runs of spaces
@@ -39,8 +40,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "distilled", variant="distilled", seed=0)
+def folder(tiny_folder):
+    return tiny_folder
 
 
 @pytest.fixture(scope="module")
@@ -260,21 +261,6 @@ def test_tiny_weights_have_no_constant_tensors(folder):
     assert not constant
 
 
-def allow_singular_block_noise(monkeypatch, gamma: float) -> None:
-    """At gamma = 1/3 the reference's block-noise covariance (1 + g) I - g 11^T + 1e-8 I is singular in fp32 (the
-    jitter is lost) and LAPACK refuses it. Where fp32 fails, factor the float64 matrix, as helios.schedule does."""
-    cholesky = torch.linalg.cholesky
-
-    def fallback(a, *args, **kwargs):
-        factor, info = torch.linalg.cholesky_ex(a)
-        if int(info.max()) == 0:
-            return factor
-        eye = torch.eye(a.shape[-1], dtype=torch.float64)
-        return cholesky(eye * (1 + gamma) - gamma + eye * 1e-8).to(a.device, a.dtype)
-
-    monkeypatch.setattr(torch.linalg, "cholesky", fallback)
-
-
 @pytest.mark.parametrize("variant", ["base", "mid", "distilled"])
 def test_variant_folder_runs_in_reference_pipeline(tmp_path, monkeypatch, variant):
     folder = build_tiny_model(tmp_path / variant, variant=variant)
@@ -290,10 +276,7 @@ def test_variant_folder_runs_in_reference_pipeline(tmp_path, monkeypatch, varian
     assert scheduler.use_dynamic_shifting and scheduler.shift == 1.0 and scheduler.gamma == pytest.approx(1 / 3)
 
     allow_singular_block_noise(monkeypatch, scheduler.gamma)
-    # The reference's CFG-Zero* (Mid) calls .view() on the transformer output, which is not contiguous at these
-    # sizes; making it contiguous changes no value.
-    pipe.transformer.register_forward_hook(lambda module, args, out: tuple(o.contiguous() for o in out))
-    pipe.set_progress_bar_config(disable=True)
+    contiguous_outputs(pipe)
     steps = {"num_inference_steps": 2} if variant == "base" else {"pyramid_num_inference_steps_list": [1, 1, 1]}
     frames = pipe("a cat", height=64, width=128, num_frames=33, generator=torch.Generator().manual_seed(0),
                   output_type="np", **steps).frames

@@ -20,8 +20,8 @@ FAST = dict(height=H, width=W, pyramid_num_inference_steps_list=(1, 1, 1), is_am
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "distilled", variant="distilled", seed=0)
+def folder(tiny_folder):
+    return tiny_folder
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,7 @@ def _live_tensor_bytes():
         return sum(o.untyped_storage().nbytes() for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
+@pytest.mark.slow
 def test_cancel_between_chunks_and_between_steps_frees_memory(pipe):
     opts = SamplingOptions(num_frames=99, **FAST)
     list(pipe.stream("warm up", SamplingOptions(num_frames=33, **FAST)))
@@ -105,6 +106,7 @@ def test_prompt_schedule_feeds_blended_text_to_the_model(pipe, monkeypatch):
     assert torch.equal(per_chunk[3][0], dog)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conditioning", ["t2v", "i2v"])
 def test_resume_after_a_chunk_gives_the_uninterrupted_frames(pipe, tmp_path, conditioning):
     opts = SamplingOptions(num_frames=99, **FAST)
@@ -192,6 +194,7 @@ def test_inputs_are_checked_when_stream_is_called(pipe):
         pipe.stream("a fox", SamplingOptions(**{**FAST, "num_frames": 0}))  # no next(): the call itself raises
 
 
+@pytest.mark.slow
 def test_conditioning_from_files_equals_objects(pipe, tmp_path):
     from test_media import write_lossless_video
 
@@ -216,7 +219,7 @@ def test_base_size_rule_is_16(tmp_path):
 def test_pipeline_loads_by_hub_id_from_the_offline_cache(folder, offline_hub):
     import shutil
 
-    from conftest import fake_hub_snapshot
+    from helpers import fake_hub_snapshot
 
     shutil.copytree(folder, fake_hub_snapshot(offline_hub, "tiny-org/helios-tiny"), dirs_exist_ok=True)
     by_id = HeliosPipeline.from_pretrained("tiny-org/helios-tiny", torch_dtype=torch.float32, device="cpu")

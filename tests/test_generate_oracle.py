@@ -4,8 +4,6 @@ The folders are saved by the reference pipelines themselves, so loading them als
 layout. Same seed, same settings: latents within 1e-4 relative, frames within 1e-3, in fp32.
 """
 
-import json
-
 import numpy as np
 import PIL.Image
 import pytest
@@ -13,17 +11,14 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from helpers import REFERENCE_CLASSES, contiguous_outputs, rel_err, set_scheduler_gamma  # noqa: E402
+
 from helios import HeliosPipeline, SamplingOptions  # noqa: E402
 from helios.tiny import build_tiny_model  # noqa: E402
 
+pytestmark = pytest.mark.slow  # whole generations against the reference
+
 H, W = 64, 128  # pixels: the pyramid needs multiples of 64
-REFERENCE_CLASSES = {"base": "HeliosPipeline", "mid": "HeliosPyramidPipeline", "distilled": "HeliosPyramidPipeline"}
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = torch.as_tensor(np.asarray(ours)).float(), torch.as_tensor(np.asarray(ref)).float()
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +28,7 @@ def folders(tmp_path_factory):
     out = {}
     for variant, cls_name in REFERENCE_CLASSES.items():
         source = build_tiny_model(root / f"source-{variant}", variant=variant, seed=0)
-        # With the shipped gamma = 1/3 the block-noise covariance is singular and the reference's fp32 Cholesky fails
-        # on CPU (ours falls back to float64); any other gamma exercises the same code in both.
-        config_path = source / "scheduler" / "scheduler_config.json"
-        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "gamma": 0.25}))
+        set_scheduler_gamma(source, 0.25)
         reference = getattr(diffusers, cls_name).from_pretrained(source)
         reference.save_pretrained(root / variant)
         out[variant] = root / variant
@@ -44,12 +36,7 @@ def folders(tmp_path_factory):
 
 
 def reference_pipeline(folder, variant):
-    pipe = getattr(diffusers, REFERENCE_CLASSES[variant]).from_pretrained(folder)
-    # The reference's CFG-Zero* calls .view() on the transformer output, which fails when it is not contiguous.
-    # Making it contiguous changes no value.
-    pipe.transformer.register_forward_hook(lambda module, args, out: tuple(o.contiguous() for o in out))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return contiguous_outputs(getattr(diffusers, REFERENCE_CLASSES[variant]).from_pretrained(folder))
 
 
 def still_image():

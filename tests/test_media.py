@@ -1,22 +1,13 @@
 """Reading conditioning inputs from objects and files."""
 
-import av
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
+from helpers import write_video
+
 from helios.media import load_image, load_video
-
-
-def write_lossless_video(path, frames):
-    """frames: uint8 [F, H, W, 3]. FFV1 is lossless, so reading back must give the same pixels."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("ffv1", rate=24)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "bgr0"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
 
 
 def frames(count=5, h=16, w=24):
@@ -53,7 +44,7 @@ def test_unreadable_files_name_the_path(tmp_path):
 
 def test_video_from_path_equals_its_frames(tmp_path):
     source = frames(7)
-    write_lossless_video(tmp_path / "v.mkv", source)
+    write_video(tmp_path / "v.mkv", source, codec="ffv1")
     read = load_video(tmp_path / "v.mkv")
     assert len(read) == 7
     assert np.array_equal(np.stack([np.asarray(f) for f in read]), source)

@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     ReferenceModel,
     make_inputs,
     make_ours,
@@ -105,7 +105,7 @@ CASES = {
         2,
         "int",
     ),
-    # Mid/long memory without short memory: the reference crashes; see conftest.reference_forward.
+    # Mid/long memory without short memory: the reference crashes; see helpers.reference_forward.
     "mid_only": ({}, "mid_only", 1, "float"),
     "long_only_padded": ({}, "long_only", 2, "float"),
     "mid_long": ({}, "mid_long", 1, "float"),

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -15,6 +17,7 @@ def test_ci_runs_the_readme_test_command():
     assert test_command in (ROOT / ".ci" / "run").read_text()
 
 
+@pytest.mark.slow
 def test_example_runs():
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "forward.py")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

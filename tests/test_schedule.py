@@ -1,10 +1,8 @@
 """helios.schedule against the reference (diffusers 0.42.1 Helios schedulers and pipelines) and analytic formulas.
 
-The end-to-end tests run the reference pipelines' real __call__ with a tiny deterministic stand-in for the
-transformer, and the same sampling loop written with helios.schedule; latents must agree to 1e-6.
+The sampling loop of one chunk, run end to end against the reference pipelines, is tested in test_denoise.py.
 """
 
-import contextlib
 import dataclasses
 import inspect
 import math
@@ -14,8 +12,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from diffusers import HeliosDMDScheduler, HeliosPipeline, HeliosPyramidPipeline, HeliosScheduler
+from diffusers import HeliosDMDScheduler, HeliosPyramidPipeline, HeliosScheduler
 from diffusers.pipelines.helios import pipeline_helios_pyramid as ref_pyramid
+
+from helpers import rel_err
 
 from helios import schedule as S
 
@@ -23,11 +23,6 @@ from helios import schedule as S
 pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")
 
 BASE_SIGMAS = np.linspace(0.999, 0.0, 51)[:-1]  # what HeliosPipeline passes to set_timesteps
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def assert_same_schedule(ours: S.Schedule, ref_timesteps: torch.Tensor, ref_sigmas: torch.Tensor):
@@ -133,7 +128,7 @@ def test_base_schedule_matches_reference(dynamic):
     ours = S.base_schedule(cfg, 50, mu=mu)
     assert len(ours) == 50 and ours.sigmas.shape == (51,) and ours.sigmas[-1] == 0
     assert_same_schedule(ours, ref.timesteps, ref.sigmas)
-    if dynamic:  # spec section 3.2
+    if dynamic:  # docs/design.md §4.2
         np.testing.assert_allclose(ours.timesteps[:3].numpy(), [999.85, 996.87, 993.77], atol=0.01)
         np.testing.assert_allclose(ours.timesteps[-3:].numpy(), [302.92, 220.99, 121.99], atol=0.01)
         assert ours.sigmas[-2].item() == pytest.approx(0.122, abs=5e-4)
@@ -151,7 +146,7 @@ def test_pyramid_stage_constants_match_reference():
         assert ps.end_sigmas[s] == ref.end_sigmas[s]
         assert ps.windows[s] == (ref.timesteps_per_stage[s][0].item(), ref.timesteps_per_stage[s][-1].item())
     assert ps.local_sigmas == (ref.sigmas_per_stage[0][0].item(), ref.sigmas_per_stage[0][-1].item())
-    # spec section 3.3
+    # docs/design.md §4.3
     np.testing.assert_allclose(ps.ori_start_sigmas, [0.999, 0.666333, 0.333666], atol=1e-6)
     np.testing.assert_allclose(ps.start_sigmas, [0.999, 0.79976, 0.50037], atol=1e-5)
     np.testing.assert_allclose(
@@ -497,150 +492,3 @@ def test_cfg_and_zero_init():
     # zero_steps = 1 zeroes steps 0 and 1 of stage 0 only
     assert [S.zero_init_applies(0, i, 1) for i in range(4)] == [True, True, False, False]
     assert not S.zero_init_applies(1, 0, 1) and not S.zero_init_applies(0, 0, 1, use_zero_init=False)
-
-
-# ------------------------------------------------------------------------------------------------ end to end
-
-
-class FakeTransformer(torch.nn.Module):
-    """Deterministic stand-in for the transformer: a smooth function of latents, timestep and text."""
-
-    def __init__(self, dtype: torch.dtype):
-        super().__init__()
-        self.config = types.SimpleNamespace(in_channels=4, patch_size=(1, 2, 2))
-        self._dtype = dtype
-        self.anchor = torch.nn.Parameter(torch.zeros(()))  # so the pipeline sees an nn.Module with a device
-
-    @property
-    def dtype(self):
-        return self._dtype
-
-    @property
-    def device(self):
-        return torch.device("cpu")
-
-    @contextlib.contextmanager
-    def cache_context(self, name):
-        yield
-
-    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False, **kwargs):
-        x = hidden_states.float()
-        t = timestep.float().view(-1, 1, 1, 1, 1) / 1000
-        e = encoder_hidden_states.float().mean()
-        v = torch.tanh(x) * (0.5 + t) + e * torch.cos(3 * x + t) + 0.1 * x.flip(-1)
-        return (v.to(self._dtype).contiguous(),)
-
-
-class FakeVAE(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        z = 4
-        self.config = types.SimpleNamespace(
-            latents_mean=[0.0] * z, latents_std=[1.0] * z, z_dim=z, scale_factor_temporal=4, scale_factor_spatial=8
-        )
-        self.anchor = torch.nn.Parameter(torch.zeros(()))
-
-    @property
-    def dtype(self):
-        return torch.float32
-
-    @property
-    def device(self):
-        return torch.device("cpu")
-
-    def decode(self, z, return_dict=False):
-        return (z,)
-
-
-def _embeds():
-    g = torch.Generator().manual_seed(14)
-    return torch.randn(1, 8, 16, generator=g), torch.randn(1, 8, 16, generator=g)
-
-
-def _our_pyramid_chunk(cfg, model, noise, steps, generator, guidance, zero_star, amplify):
-    """The pyramid sampling loop of one chunk, written with helios.schedule (what generate.py will do)."""
-    pe, ne = (e.to(model.dtype) for e in _embeds())
-    b, _, t, h, w = noise.shape
-    x = S.downsample_noise(noise, cfg.stages)
-    for s, sched in enumerate(S.pyramid_schedules(cfg, steps, t, h, w, amplify=amplify)):
-        if s > 0:
-            x = S.upsample_renoise(x, cfg, s, generator, noise_dtype=model.dtype)
-        start, state = x, None
-        for i, ts in enumerate(sched.timesteps):
-            x_in, ts = x.to(model.dtype), ts.expand(b).to(torch.int64)  # the pyramid pipeline truncates t
-            v = model(x_in, ts, pe)[0]
-            if guidance > 1:
-                v_u = model(x_in, ts, ne)[0]
-                if zero_star:
-                    v = S.cfg_zero_star(v, v_u, guidance, zero_init=S.zero_init_applies(s, i, zero_steps=1))
-                else:
-                    v = S.cfg_combine(v, v_u, guidance)
-            x, state = S.sampler_step(cfg, x, v, sched, i, state, start_point=start)
-    return x
-
-
-# gamma = 0.25 because the reference pyramid pipeline cannot run on CPU at gamma = 1/3 (see block noise test)
-PYRAMID_VARIANTS = {
-    "mid": dict(
-        scheduler=lambda: HeliosScheduler(use_dynamic_shifting=True, gamma=0.25),
-        cfg=S.SchedulerConfig(use_dynamic_shifting=True, gamma=0.25),
-        steps=[3, 3, 3], guidance=5.0, zero_star=True, distilled=False, chunks=1,
-    ),
-    "distilled": dict(
-        scheduler=lambda: HeliosDMDScheduler(use_dynamic_shifting=True, gamma=0.25),
-        cfg=S.SchedulerConfig(scheduler_type="dmd", time_shift_type="linear", use_dynamic_shifting=True, gamma=0.25),
-        steps=[2, 2, 2], guidance=1.0, zero_star=False, distilled=True, chunks=2,
-    ),
-}
-
-
-@pytest.mark.parametrize("variant", list(PYRAMID_VARIANTS))
-def test_pyramid_pipeline_end_to_end(variant):
-    p = PYRAMID_VARIANTS[variant]
-    model = FakeTransformer(torch.bfloat16)
-    pipe = HeliosPyramidPipeline(
-        tokenizer=None, text_encoder=None, vae=FakeVAE(), scheduler=p["scheduler"](), transformer=model,
-        is_cfg_zero_star=p["zero_star"], is_distilled=p["distilled"],
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pe, ne = _embeds()
-    ref = pipe(
-        prompt_embeds=pe, negative_prompt_embeds=ne, height=128, width=192, num_frames=33 * p["chunks"],
-        guidance_scale=p["guidance"], generator=torch.Generator().manual_seed(42), output_type="latent",
-        pyramid_num_inference_steps_list=p["steps"], use_zero_init=True, zero_steps=1,
-        is_amplify_first_chunk=p["distilled"],
-    ).frames
-
-    g = torch.Generator().manual_seed(42)
-    chunks = []
-    for k in range(p["chunks"]):
-        noise = torch.randn(1, 4, 9, 16, 24, generator=g)
-        amplify = p["distilled"] and k == 0
-        chunks.append(_our_pyramid_chunk(p["cfg"], model, noise, p["steps"], g, p["guidance"], p["zero_star"], amplify))
-    ours = torch.cat(chunks, dim=2).float()
-    assert ours.shape == ref.shape
-    assert rel_err(ours, ref) <= 1e-6
-
-
-def test_base_pipeline_end_to_end():
-    model = FakeTransformer(torch.bfloat16)
-    sched_ref = HeliosScheduler(stages=1, stage_range=[0, 1], use_dynamic_shifting=True)
-    pipe = HeliosPipeline(tokenizer=None, text_encoder=None, vae=FakeVAE(), scheduler=sched_ref, transformer=model)
-    pipe.set_progress_bar_config(disable=True)
-    pe, ne = _embeds()
-    ref = pipe(
-        prompt_embeds=pe, negative_prompt_embeds=ne, height=64, width=96, num_frames=33, num_inference_steps=12,
-        guidance_scale=5.0, generator=torch.Generator().manual_seed(42), output_type="latent",
-    ).frames
-
-    cfg = S.SchedulerConfig(stages=1, stage_range=(0, 1), use_dynamic_shifting=True)
-    pe, ne = (e.to(model.dtype) for e in (pe, ne))
-    x = torch.randn(1, 4, 9, 8, 12, generator=torch.Generator().manual_seed(42))
-    sched = S.base_schedule(cfg, 12, mu=S.calculate_mu(S.image_seq_len(9, 8, 12), cfg))
-    state = S.UniPCState()
-    for i, t in enumerate(sched.timesteps):
-        x_in, t = x.to(model.dtype), t.expand(1)  # the Base pipeline passes the float timestep
-        v = S.cfg_combine(model(x_in, t, pe)[0], model(x_in, t, ne)[0], 5.0)
-        x, state = S.unipc_step(x, v, sched.sigmas, i, state, cfg)
-    assert x.shape == ref.shape
-    assert rel_err(x, ref) <= 1e-6

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_inputs, make_pair, reference_forward, rel_err, tiny_config
+from helpers import make_inputs, make_pair, reference_forward, rel_err, tiny_config
 
 from helios.kernels import SDPA_BACKENDS, attention, linear
 from helios.layers import rope_table
@@ -84,6 +84,7 @@ def test_autograd_path_equals_the_inference_path():
     assert all(p.grad is not None for p in ours.blocks[0].parameters() if p.requires_grad)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_have_no_graph_breaks_and_match_eager():
     """fullgraph=True fails on any Python-side data-dependent logic or host sync inside a block."""
     config = tiny_config(num_layers=2)
@@ -105,6 +106,7 @@ def run_bench(*args) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", ["", "--memory", "--profile"])
 def test_transformer_benchmark_reports_ratio_and_agreement(extra):
     small = ["--layers", "1", "--heads", "2", "--head-dim", "16", "--ffn", "32", "--text-dim", "32",
@@ -126,6 +128,7 @@ def test_transformer_benchmark_reports_ratio_and_agreement(extra):
         assert out["profile"]["floor_ratio"] == pytest.approx(floor)
 
 
+@pytest.mark.slow
 def test_pipeline_and_load_benchmarks_run():
     pipe = run_bench("pipeline", "--runs", "1", "--steps", "1", "--num-frames", "33")
     assert pipe["max_abs_frame_diff"] <= 1e-3

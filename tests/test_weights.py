@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     fake_hub_snapshot,
     ReferenceModel,
     assert_same_state,

@@ -1,7 +1,7 @@
 """Denoising one chunk: the schedule of each stage, guidance, and the step loop, one code path for all variants.
 
 Base is a single full-resolution stage. Mid and Distilled start from noise downsampled to 1/4 resolution and
-run one stage per resolution, upsampling with block noise in between (spec §3.3-3.5).
+run one stage per resolution, upsampling with block noise in between (docs/design.md §4.3-4.6).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What to generate and how: SamplingOptions, and the model variant (its sampler and defaults).
 
-The three published models differ only in how they sample (spec §3.7):
+The three published models differ only in how they sample (docs/design.md §4.8):
   base       HeliosPipeline: UniPC, 50 steps at full resolution, CFG 5
   mid        HeliosPyramidPipeline, is_cfg_zero_star: 3-stage pyramid of UniPC, [20, 20, 20], CFG-Zero* 5
   distilled  HeliosPyramidPipeline, is_distilled: 3-stage pyramid of DMD steps, [2, 2, 2], no CFG
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .schedule import SchedulerConfig
 
-# Settings of the official inference scripts per variant (spec §3.7); anything left None in SamplingOptions.
+# Settings of the official inference scripts per variant (docs/design.md §4.8); anything left None in SamplingOptions.
 _SIZE = dict(height=384, width=640)
 VARIANT_DEFAULTS = {
     "base": dict(_SIZE, num_frames=99, num_inference_steps=50, guidance_scale=5.0),
@@ -25,7 +25,7 @@ VARIANT_DEFAULTS = {
     ),
 }
 
-# The negative prompt of the official inference script and docs (spec §4); the pipelines themselves default to "".
+# The negative prompt of the official inference script and docs (docs/design.md §6.3); the pipelines themselves default to "".
 DEFAULT_NEGATIVE_PROMPT = (
     "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, overall "
     "gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly drawn hands, "

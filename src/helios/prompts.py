@@ -1,4 +1,4 @@
-"""Prompt schedules for interactive, long videos (spec §2.5).
+"""Prompt schedules for interactive, long videos (docs/design.md §3.3).
 
 A prompt is a string or a schedule: a list of (prompt, n_chunks). When the prompt changes, the text embeddings
 move from the old prompt to the new one linearly over the first `steps` chunks of the new prompt, with weights
