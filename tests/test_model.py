@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import pydoc
 
 import pytest
 import torch
@@ -32,6 +33,22 @@ def test_config_fields_and_defaults_are_the_references():
     ref_defaults = {k: p.default for k, p in ref_params.items() if k != "self"}
     ours = {f.name: f.default for f in dataclasses.fields(HeliosConfig)}
     assert ours == ref_defaults
+
+
+def test_the_constructor_shows_the_config_keys_with_their_defaults():
+    params = inspect.signature(HeliosTransformer3DModel.__init__).parameters
+    shown = {k: p.default for k, p in params.items() if k not in ("self", "config")}
+    assert shown == {f.name: f.default for f in dataclasses.fields(HeliosConfig)}
+    assert shown["num_attention_heads"] == 40 and shown["rope_dim"] == (44, 42, 42) and shown["text_dim"] == 4096
+    assert all(params[k].kind is inspect.Parameter.KEYWORD_ONLY for k in shown)
+    assert "num_attention_heads: 'int' = 40" in pydoc.render_doc(HeliosTransformer3DModel, renderer=pydoc.plaintext)
+
+    config = HeliosConfig(**tiny_config())
+    assert make_ours(tiny_config()).config == HeliosTransformer3DModel(config).config == config
+    with pytest.raises(TypeError, match="unexpected keyword argument 'num_heads'"):
+        HeliosTransformer3DModel(num_heads=2)
+    with pytest.raises(TypeError, match=r"not both \(got \['num_layers'\]\)"):
+        HeliosTransformer3DModel(config, num_layers=3)
 
 
 def test_model_config_is_frozen_dataclass():
