@@ -77,3 +77,46 @@ def test_tensor_subclass_weights_take_the_default_path(monkeypatch):
     w = torch.randn(8, 16).as_subclass(Marked)
     with torch.inference_mode():
         kernels.linear(torch.randn(2, 16), w)
+
+
+def test_attention_and_linears_are_replaced_from_outside_the_model():
+    """The seams context parallelism and quantization/LoRA use: a block's attention function, its Linear modules."""
+    from helpers import make_inputs, tiny_config
+
+    from helios import HeliosTransformer3DModel
+    from helios.layers import Linear
+
+    model = HeliosTransformer3DModel(**tiny_config()).eval()
+    inputs = make_inputs(tiny_config())
+    with torch.inference_mode():
+        expected = model(**inputs).sample
+    calls = {"attention": 0, "linear": 0}
+
+    def counting_attention(q, k, v):
+        calls["attention"] += 1
+        return kernels.attention(q, k, v)
+
+    class CountingLinear(torch.nn.Module):  # wraps a Linear, as a LoRA side path would
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, x):
+            calls["linear"] += 1
+            return self.base(x)
+
+    linears = 0
+    for block in model.blocks:
+        block.attn1.attention = block.attn2.attention = counting_attention
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Linear):
+                    setattr(parent, name, CountingLinear(child))
+                    linears += 1
+    with torch.inference_mode():
+        out = model(**inputs).sample
+    assert torch.equal(out, expected)
+    assert calls["attention"] == 2 * len(model.blocks)
+    # every matmul of every block went through a Linear module (the FFN's first one, with its GELU, too)
+    assert linears == 10 * len(model.blocks)  # q, k, v, out of both attentions, and the FFN's two
+    assert calls["linear"] == linears  # each called once per forward
