@@ -76,7 +76,8 @@ def make_pair(config: dict, seed: int = 0):
 
 def rel_err(a, b) -> float:
     """max|a - b| / max|b| in float64 (b is the reference); tensors or arrays of the same shape."""
-    a, b = (x.detach().double() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x)).double() for x in (a, b))
+    a, b = (x.detach().double() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x)).double()
+            for x in (a, b))
     assert a.shape == b.shape, (a.shape, b.shape)
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 

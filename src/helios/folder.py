@@ -96,7 +96,8 @@ def read_variant(folder: Path) -> Variant:
     index = read_json(folder / "model_index.json")
     pipeline = index.get("_class_name")
     if pipeline not in PIPELINE_CLASSES:
-        raise ValueError(f"{folder / 'model_index.json'}: _class_name must be one of {PIPELINE_CLASSES}, got {pipeline!r}")
+        raise ValueError(f"{folder / 'model_index.json'}: _class_name must be one of {PIPELINE_CLASSES}, "
+                         f"got {pipeline!r}")
     scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
     if pipeline == "HeliosPipeline":
         return Variant("base", scheduler)

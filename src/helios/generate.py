@@ -1,8 +1,8 @@
 """Long-video generation: the autoregressive chunk loop as a generator, and the pipeline that owns the models.
 
-T2V, I2V and V2V are one loop; they differ only in the initial memory (docs/design.md §2.4). Every random draw comes from one
-CPU torch.Generator seeded with `SamplingOptions.seed`, in the reference's order, so a run equals the reference's
-with `generator=torch.Generator().manual_seed(seed)`.
+T2V, I2V and V2V are one loop; they differ only in the initial memory (docs/design.md §2.4). Every random draw comes
+from one CPU torch.Generator seeded with `SamplingOptions.seed`, in the reference's order, so a run equals the
+reference's with `generator=torch.Generator().manual_seed(seed)`.
 """
 
 from __future__ import annotations
@@ -197,7 +197,8 @@ class HeliosPipeline:
         return history
 
     def _image_latents(self, pixels, opts, generator):
-        """I2V (docs/design.md §2.4): the image's latent is the anchor; the last latent of a still clip joins the memory."""
+        """I2V (docs/design.md §2.4): the image's latent is the anchor; the last latent of a still clip joins the
+        memory."""
         anchor = self.vae.encode(pixels, generator)  # pixels [1, 3, 1, H, W]
         fake = self.vae.encode(pixels.repeat(1, 1, opts.window_frames, 1, 1), generator)[:, :, -1:]
         if opts.add_noise_to_image_latents:
@@ -206,7 +207,8 @@ class HeliosPipeline:
         return anchor, fake
 
     def _video_latents(self, pixels, opts, generator):
-        """V2V (docs/design.md §2.4): anchor = first frame; the last whole 33-frame windows, encoded one by one, are the memory."""
+        """V2V (docs/design.md §2.4): anchor = first frame; the last whole 33-frame windows, encoded one by one, are
+        the memory."""
         window = opts.window_frames
         usable = pixels.shape[2] // window * window
         anchor = self.vae.encode(pixels[:, :, :1], generator)

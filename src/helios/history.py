@@ -1,7 +1,7 @@
 """The multi-term memory of one video: recent latents, the anchor frame, and their fixed frame indices.
 
-Every chunk sees the same relative positions (docs/design.md §2.2): with the default sizes (16, 2, 1) and keep_first_frame,
-`arange(29)` splits into anchor 0 | long 1..16 | mid 17..18 | last 19 | current 20..28, and the short memory is
+Every chunk sees the same relative positions (docs/design.md §2.2): with the default sizes (16, 2, 1) and
+keep_first_frame, `arange(29)` splits into anchor 0 | long 1..16 | mid 17..18 | last 19 | current 20..28, and the short memory is
 [anchor, last frame]. Without keep_first_frame there is no anchor and the short memory is the last two frames.
 """
 

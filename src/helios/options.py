@@ -25,7 +25,8 @@ VARIANT_DEFAULTS = {
     ),
 }
 
-# The negative prompt of the official inference script and docs (docs/design.md §6.3); the pipelines themselves default to "".
+# The negative prompt of the official inference script and docs (docs/design.md §6.3); the pipelines themselves
+# default to "".
 DEFAULT_NEGATIVE_PROMPT = (
     "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, overall "
     "gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly drawn hands, "

@@ -94,4 +94,5 @@ def stage_schedules(variant: Variant, opts: SamplingOptions, latent_hw, first_ch
         mu = calculate_mu(image_seq_len(frames, h, w, patch), cfg)
         return [base_schedule(cfg, opts.num_inference_steps, mu=mu)]
     amplify = bool(opts.is_amplify_first_chunk and first_chunk)
-    return pyramid_schedules(cfg, opts.pyramid_num_inference_steps_list, frames, h, w, amplify=amplify, patch_size=patch)
+    steps = opts.pyramid_num_inference_steps_list
+    return pyramid_schedules(cfg, steps, frames, h, w, amplify=amplify, patch_size=patch)

@@ -54,7 +54,8 @@ camera view close shot scene video cake together wooden cozy background people
 """.split()
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5: pad 0, eos 1
 
-# The pipeline flags and scheduler per variant (docs/design.md §4.8); keys are the reference classes' __init__ arguments.
+# The pipeline flags and scheduler per variant (docs/design.md §4.8); keys are the reference classes' __init__
+# arguments.
 _UNIPC = {
     "num_train_timesteps": 1000, "shift": 1.0, "gamma": 1 / 3, "thresholding": False,
     "prediction_type": "flow_prediction", "solver_order": 2, "predict_x0": True, "solver_type": "bh2",

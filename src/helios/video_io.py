@@ -1,4 +1,5 @@
-"""Writing video files (the `helios` command's and the server's): H.264 in fragmented MP4, written one fragment per chunk as chunks arrive.
+"""Writing video files (the `helios` command's and the server's): H.264 in fragmented MP4, one fragment per chunk,
+written as chunks arrive.
 
 Why fragments: a plain MP4 writes its index (`moov`) when it is closed, so a run that dies leaves an unplayable file.
 A fragmented MP4 starts with an empty index and then appends self-describing `moof` + `mdat` fragments, so every

@@ -85,7 +85,8 @@ def token_counts(cfg: HeliosConfig, inputs: dict) -> tuple[int, int]:
 
 
 def forward_flops(cfg: HeliosConfig, n_cur: int, n_hist: int, text_len: int) -> float:
-    """FLOPs of one forward (docs/design.md §7.2): linear layers, self- and cross-attention; 2 FLOPs per multiply-add."""
+    """FLOPs of one forward (docs/design.md §7.2): linear layers, self- and cross-attention; 2 FLOPs per
+    multiply-add."""
     n, d, f = n_cur + n_hist, cfg.inner_dim, cfg.ffn_dim
     per_layer = 2 * n * 4 * d * d + 2 * n * 2 * d * f + 2 * n_cur * 2 * d * d + 2 * text_len * 2 * d * d
     per_layer += 4 * n * n * d + 4 * n_cur * text_len * d

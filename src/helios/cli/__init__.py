@@ -1,7 +1,7 @@
 """The `helios` command: generate videos to files, and inspect models.
 
-A thin consumer of the library (generate.py, plan.py, folder.py). It checks what it can before loading anything heavy (paths, the model name, sizes),
-then writes the pipeline's chunks to a video file as they arrive (video_io.py) while reporting progress
+A thin consumer of the library (generate.py, plan.py, folder.py). It checks what it can before loading anything
+heavy (paths, the model name, sizes), then writes the pipeline's chunks to a video file as they arrive (video_io.py) while reporting progress
 (progress.py). Errors are one line on stderr: exit code 2 for bad input, 1 for other failures, 130 for Ctrl-C;
 --debug shows the traceback instead.
 """
