@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 PIPELINE_CLASSES = ("HeliosPipeline", "HeliosPyramidPipeline")
 REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 PUBLISHED = ("BestWishYsh/Helios-Base", "BestWishYsh/Helios-Mid", "BestWishYsh/Helios-Distilled")
+WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder")
+_MAX_HEADER = 100 * 2**20  # a safetensors header is JSON; anything bigger is not one
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,19 @@ class ModelFolder:
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
-        """The transformer's patch size, from its config.json (the sampler's schedules depend on it)."""
-        config = read_json(self.component("transformer") / "config.json")
-        return tuple(config.get("patch_size", (1, 2, 2)))
+        """The transformer's patch size, from its config.json (the sampler's schedules depend on it). Reading it
+        checks the whole config, naming the file and the key of a bad value, before any weight is read."""
+        from .config import HeliosConfig
+
+        path = self.component("transformer") / "config.json"
+        return HeliosConfig.from_dict(read_json(path), source=str(path)).patch_size
+
+    def check_weight_files(self) -> None:
+        """Check that every safetensors file is whole (its header, and the size that header promises), reading
+        no weights: a truncated file fails now, naming itself, not after the components before it have loaded."""
+        for name in WEIGHT_COMPONENTS:
+            for path in sorted(self.component(name).glob("*.safetensors")):
+                safetensors_header(path)
 
     def component(self, name: str) -> Path:
         """The folder of one component (a name from COMPONENTS)."""
@@ -190,6 +203,24 @@ def resolve_directory(path_or_repo_id: str | os.PathLike, subfolder: str | None 
 def noise_notice(name: str) -> str:
     return (f"{name} is a tiny model with random weights, built on the fly so that the command runs anywhere: "
             f"its videos are noise. For real videos use --model {PUBLISHED[2]} (GPU).")
+
+
+def safetensors_header(path: Path) -> dict:
+    """{name: {dtype, shape, data_offsets}} of a safetensors file, after checking that the file is complete."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = struct.unpack("<Q", f.read(8))[0] if size >= 8 else -1
+        if not 0 < length <= min(_MAX_HEADER, size - 8):
+            raise ValueError(f"{path}: not a safetensors file")
+        try:
+            header = json.loads(f.read(length))
+            header.pop("__metadata__", None)
+            end = 8 + length + max((info["data_offsets"][1] for info in header.values()), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            raise ValueError(f"{path}: not a safetensors file (its header: {err!r})") from None
+    if size < end:
+        raise ValueError(f"{path}: truncated ({size:,} bytes, its header describes {end:,})")
+    return header
 
 
 def read_json(path: Path) -> dict:

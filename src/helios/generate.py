@@ -83,11 +83,11 @@ class HeliosPipeline:
         torch_dtype (transformer and text encoder): default bfloat16 on CUDA, float32 on a CPU (where bf16 matmuls
         are slow or missing). The VAE runs in vae_dtype, float32 as in every official script.
         """
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if torch_dtype is None:
-            torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch_dtype = default_dtype(device) if torch_dtype is None else torch_dtype
         holder, folder = open_model_folder(model)
         try:
+            folder.check_weight_files()  # a truncated VAE file is found before minutes of loading the transformer
             transformer = HeliosTransformer3DModel.from_pretrained(folder.component("transformer"),
                                                                    torch_dtype=torch_dtype, device=device)
             vae = VideoVAE.from_pretrained(folder.component("vae"), dtype=vae_dtype, device=device)
@@ -247,6 +247,32 @@ class HeliosPipeline:
         state = GenerationState(history.copy(), run.generator.get_state(), k + 1, run.seed, run.fingerprint)
         timings = {"denoise_s": denoised - start, "decode_s": time.perf_counter() - denoised}
         return Chunk(k, frames, latents, plan.num_chunks, timings, state)
+
+
+DEVICE_TYPES = ("cpu", "cuda")  # where the pipeline runs and is tested
+
+
+def check_device(device, name: str = "device") -> torch.device:
+    """`device` as a torch.device if the pipeline can run there, else a ValueError naming it as `name`."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{name} {device}: not a device ({err})") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"{name} {device}: not supported; helios runs on {' or '.join(DEVICE_TYPES)}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{name} {device}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{name} {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return device
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The transformer's and text encoder's dtype when none is asked for: bfloat16 on CUDA, as the official scripts;
+    float32 on a CPU, where bfloat16 matmuls are slower (or, without AVX-512, missing from oneDNN)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _blended_text(embeddings: torch.Tensor, a: int, b: int, w: float) -> torch.Tensor:

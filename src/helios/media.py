@@ -15,31 +15,51 @@ import PIL.Image
 import torch
 
 
-def load_image(image):
+def load_image(image, name: str = "image"):
     """A PIL image, an [H, W, 3] array or tensor, or a path to an image file (read with Pillow).
 
     Objects are checked and passed on as they are, so the VAE's preprocessing treats them as the reference does.
+    Errors name the image as `name` (the `helios` command says "--image").
     """
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
+        if path.is_dir():
+            raise IsADirectoryError(f"{name} {path} is a folder, not an image file")
         try:
             with PIL.Image.open(path) as img:
-                return img.convert("RGB")
+                return to_rgb(img)
+        except PIL.Image.DecompressionBombError as err:  # Pillow refuses images it could not hold in memory
+            raise ValueError(f"{name} {path} is too large to read ({err}); scale it down first: it is resized to "
+                             "the video's size anyway") from None
         except (OSError, ValueError) as err:  # missing, unreadable or not an image
-            raise ValueError(f"image: cannot read {path}: {err}") from err
+            raise ValueError(f"{name}: cannot read {path}: {err}") from err
     if isinstance(image, PIL.Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, (np.ndarray, torch.Tensor)):
         if image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"image array must be [H, W, 3], got shape {tuple(image.shape)}")
+            raise ValueError(f"{name} array must be [H, W, 3], got shape {tuple(image.shape)}")
         return image
-    raise ValueError(f"image must be a PIL image, an [H, W, 3] array or a path, got {type(image).__name__}")
+    raise ValueError(f"{name} must be a PIL image, an [H, W, 3] array or a path, got {type(image).__name__}")
 
 
-def load_video(video, min_frames: int = 1) -> list:
+def to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
+    """An 8-bit RGB image of any Pillow image, scaling deeper pixels instead of clipping them.
+
+    Pillow's convert("RGB") clips 16-bit grayscale ("I;16", or "I" in older Pillow versions) at 255, so a 16-bit PNG
+    turns almost white; here it is scaled, 65535 -> 255, and floats ("F") are read as [0, 1]. 16-bit RGB PNGs already
+    open as 8-bit RGB (Pillow keeps each sample's high byte).
+    """
+    full = 65535.0 if img.mode == "I" or img.mode.startswith("I;16") else 1.0 if img.mode == "F" else None
+    if full is not None:
+        levels = np.rint(np.asarray(img, dtype=np.float64) * (255.0 / full))
+        img = PIL.Image.fromarray(np.clip(levels, 0, 255).astype(np.uint8))  # mode "L"
+    return img.convert("RGB")
+
+
+def load_video(video, min_frames: int = 1, name: str = "video") -> list:
     """A list of frames (each as load_image takes), an [F, H, W, 3] array, or a path to a video file (PyAV)."""
     if isinstance(video, (str, os.PathLike)):
-        frames = _read_video_file(Path(video))
+        frames = _read_video_file(Path(video), name)
     elif isinstance(video, (np.ndarray, torch.Tensor)):
         if video.ndim != 4 or video.shape[-1] != 3:
             raise ValueError(f"video array must be [F, H, W, 3], got shape {tuple(video.shape)}")
@@ -56,13 +76,15 @@ def load_video(video, min_frames: int = 1) -> list:
     return frames
 
 
-def _read_video_file(path: Path) -> list[PIL.Image.Image]:
+def _read_video_file(path: Path, name: str) -> list[PIL.Image.Image]:
     import av  # imported here: only V2V from a file needs PyAV
 
+    if path.is_dir():
+        raise IsADirectoryError(f"{name} {path} is a folder, not a video file")
     try:
         frames, _ = read_video(path)
     except (OSError, ValueError, av.FFmpegError) as err:
-        raise ValueError(f"video: cannot read {path}: {err}") from err
+        raise ValueError(f"{name}: cannot read {path}: {err}") from err
     # PIL images, not arrays: the VAE's preprocessing resizes images with Lanczos, like a frame list from the user.
     return [PIL.Image.fromarray(frame) for frame in frames]
 

@@ -201,6 +201,10 @@ def check_inputs(cfg: HeliosConfig, hidden_states, timestep, text, indices_curre
         raise ValueError(f"encoder_hidden_states must be [B, seq_len, text_dim={cfg.text_dim}], got {got}")
     if text.shape[0] != batch:
         raise ValueError(f"encoder_hidden_states has batch {text.shape[0]}, hidden_states has batch {batch}")
+    if text.shape[1] == 0:
+        # Cross-attention over no tokens is a softmax over nothing: the output would be noise, not an error.
+        raise ValueError(f"encoder_hidden_states has 0 tokens (shape {tuple(text.shape)}); pass at least one, "
+                         "e.g. the text encoder's padded output")
     _check_indices("indices_hidden_states", indices_current, hidden_states, cfg, batch)
     for name, (latents, indices) in history.items():
         latent_arg, index_arg = f"latents_history_{name}", f"indices_latents_history_{name}"
@@ -215,13 +219,34 @@ def check_inputs(cfg: HeliosConfig, hidden_states, timestep, text, indices_curre
         if latents.shape[0] != batch:
             raise ValueError(f"{latent_arg} has batch {latents.shape[0]}, hidden_states has batch {batch}")
         _check_indices(index_arg, indices, latents, cfg, batch)
+    _check_memory_size(hidden_states, {f"latents_history_{k}": v[0] for k, v in history.items() if v[0] is not None})
     return _timestep_vector(timestep, batch, hidden_states.device)
 
 
+def _check_memory_size(current: torch.Tensor, memory: dict[str, torch.Tensor]) -> None:
+    """The memory terms share one height and width: that of the full-resolution latents. The current latents have it
+    too, except in a pyramid sampler's early stages, where they are downsampled by 2 per stage (spec §3.4: the memory
+    stays full size), so the memory is 2^s times the current size, with one s >= 0 for both axes."""
+    if not memory:
+        return
+    (first, latents), (h, w) = next(iter(memory.items())), current.shape[-2:]
+    for name, other in memory.items():
+        if other.shape[-2:] != latents.shape[-2:]:
+            raise ValueError(f"{name} is {tuple(other.shape[-2:])} (H, W), {first} is {tuple(latents.shape[-2:])}: "
+                             "all memory terms are slices of one history of full-resolution latents")
+    mh, mw = latents.shape[-2:]
+    scale = mh // h
+    if mh % h or scale & (scale - 1) or (mh, mw) != (h * scale, w * scale):
+        raise ValueError(
+            f"{first} is {mh}x{mw} (H x W), hidden_states is {h}x{w}: the memory must have the full-resolution size, "
+            f"the current size times 2^s, s >= 0 the pyramid stages to go ({h}x{w}, {2 * h}x{2 * w}, {4 * h}x{4 * w}, ...)"
+        )
+
+
 def _check_latents(name: str, latents, cfg: HeliosConfig) -> None:
-    if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or latents.shape[0] == 0:
         got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-        raise ValueError(f"{name} must be a 5-D tensor [B, C={cfg.in_channels}, T, H, W], got {got}")
+        raise ValueError(f"{name} must be a 5-D tensor [B >= 1, C={cfg.in_channels}, T, H, W], got {got}")
     if latents.shape[1] != cfg.in_channels:
         raise ValueError(f"{name} must have C={cfg.in_channels} channels ([B, C, T, H, W]), got {tuple(latents.shape)}")
     for axis, size, p in zip("THW", latents.shape[2:], cfg.patch_size):

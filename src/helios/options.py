@@ -9,10 +9,22 @@ The three published models differ only in how they sample (docs/design.md §4.8)
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .schedule import SchedulerConfig
+if TYPE_CHECKING:  # a name only: the `helios` command checks its flags with this module before importing torch
+    from .schedule import SchedulerConfig
+
+# Every random draw comes from torch.Generator().manual_seed(seed), which takes exactly these seeds (negative ones
+# are mapped onto the unsigned range); a seed outside would fail later, in torch's words.
+SEED_RANGE = (-(2**63), 2**64)
+# A day of video at the models' 24 fps. Any bound on a request is arbitrary, but without one a typo (99999999999999)
+# runs for centuries; a day is 62,836 chunks, hours of a GPU at the published model's speed, and far within what the
+# file format holds (frame times are 64-bit integers in the MP4 fragments).
+MAX_FRAMES = 24 * 60 * 60 * 24
 
 # Settings of the official inference scripts per variant (docs/design.md §4.8); anything left None in SamplingOptions.
 _SIZE = dict(height=384, width=640)
@@ -76,6 +88,15 @@ class SamplingOptions:
     interpolation_steps: int = 3  # chunks over which a new prompt of a schedule is blended in
     seed: int | None = None  # None: a random seed, reported in the result
 
+    def __post_init__(self):
+        # What no model can make sense of fails here, when the options are written; the rest in check().
+        lo, hi = SEED_RANGE
+        if self.seed is not None and not (_is_int(self.seed) and lo <= self.seed < hi):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64) (torch.Generator's seeds), got {self.seed!r}")
+        g = self.guidance_scale
+        if g is not None and not (isinstance(g, numbers.Real) and not isinstance(g, bool) and math.isfinite(g) and g >= 0):
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {g!r}")
+
     def resolve(self, variant: Variant, defaults: dict | None = None) -> SamplingOptions:
         """Fill the None fields with `defaults` (the variant's, VARIANT_DEFAULTS, unless given) and check everything
         before any heavy work."""
@@ -98,6 +119,8 @@ class SamplingOptions:
 
     def check(self, variant: Variant) -> None:
         _positive("num_frames", self.num_frames, "frames of video to generate")
+        if self.num_frames > MAX_FRAMES:
+            raise ValueError(f"num_frames must be at most {MAX_FRAMES} (a day of video at 24 fps), got {self.num_frames}")
         _positive("num_latent_frames_per_chunk", self.num_latent_frames_per_chunk, "latent frames per chunk")
         _positive("max_sequence_length", self.max_sequence_length, "text tokens")
         _positive("interpolation_steps", self.interpolation_steps, "chunks")
@@ -128,7 +151,11 @@ class SamplingOptions:
         return (self.num_latent_frames_per_chunk - 1) * 4 + 1
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _positive(name: str, value, what: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not _is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer ({what}), got {value!r}")
 

@@ -17,7 +17,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .options import VARIANT_DEFAULTS, SamplingOptions, Variant
+from .options import MAX_FRAMES, VARIANT_DEFAULTS, SamplingOptions, Variant
 from .prompts import PromptSchedule, as_schedule, blend_for_chunk, scheduled_chunks
 from .schedule import Schedule, base_schedule, calculate_mu, image_seq_len, pyramid_schedules
 
@@ -69,6 +69,8 @@ def make_plan(prompt, opts: SamplingOptions, variant: Variant, defaults: dict | 
     `seconds` at `fps` is another way to give the length (not together with opts.num_frames).
     """
     schedule = as_schedule(prompt)
+    if isinstance(opts, dict):
+        raise ValueError(f"opts must be a SamplingOptions, got a dict: pass SamplingOptions(**{opts!r})")
     if not isinstance(opts, SamplingOptions):
         raise ValueError(f"opts must be a SamplingOptions, got {type(opts).__name__}")
     defaults = dict(VARIANT_DEFAULTS[variant.name] if defaults is None else defaults)
@@ -78,10 +80,14 @@ def make_plan(prompt, opts: SamplingOptions, variant: Variant, defaults: dict | 
         if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
             raise ValueError(f"seconds must be a positive number, got {seconds!r}")
         opts = dataclasses.replace(opts, num_frames=max(1, math.ceil(seconds * fps)))
-    elif opts.num_frames is None and len(schedule) > 1:  # a schedule without a length sets it
-        defaults["num_frames"] = scheduled_chunks(schedule) * opts.window_frames
+    scheduled = scheduled_chunks(schedule) if len(schedule) > 1 else 1
+    if scheduled * opts.window_frames > MAX_FRAMES:
+        raise ValueError(f"the prompt schedule asks for {scheduled} chunks of {opts.window_frames} frames, more than "
+                         f"a day of video at 24 fps ({MAX_FRAMES} frames)")
+    if opts.num_frames is None and len(schedule) > 1:  # a schedule without a length sets it
+        defaults["num_frames"] = scheduled * opts.window_frames
     opts = opts.resolve(variant, defaults)
-    chunks = max(-(-opts.num_frames // opts.window_frames), scheduled_chunks(schedule) if len(schedule) > 1 else 1)
+    chunks = max(-(-opts.num_frames // opts.window_frames), scheduled)
     frames = (opts.window_frames * chunks - 1) // 4 * 4 + 1
     return GenerationPlan(opts, variant, schedule, chunks, frames, tuple(patch_size))
 

@@ -19,6 +19,7 @@ kept exactly as they were encoded, not decoded and encoded again.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import struct
@@ -86,7 +87,7 @@ class VideoWriter:
     @classmethod
     def create(cls, output, settings: VideoSettings) -> VideoWriter:
         output = Path(output)
-        return cls(output, settings, open(partial_path(output), "wb"), None, 0, 0)
+        return cls(output, settings, open(partial_path(output), "wb", buffering=0), None, 0, 0)
 
     @classmethod
     def resume(cls, output, settings: VideoSettings, chunks: int) -> VideoWriter:
@@ -102,15 +103,15 @@ class VideoWriter:
             raise ValueError(f"{partial} was written with another size, fps or codec than this run's")
         # Copy the kept prefix to a new file, then swap it in: the partial file is whole at every moment.
         fd, tmp = tempfile.mkstemp(dir=partial.parent, prefix=f".{partial.name}.")
-        file = os.fdopen(fd, "wb")
+        file = os.fdopen(fd, "wb", buffering=0)
         try:
             os.chmod(tmp, partial.stat().st_mode & 0o777)  # mkstemp makes it private; keep the video's permissions
-            file.write(header)
+            _write_all(file, header)
             frames = 0
             with open(partial, "rb") as src:
                 for offset, size, count in fragments[:chunks]:
                     src.seek(offset)
-                    file.write(src.read(size))
+                    _write_all(file, src.read(size))
                     frames += count
             _flush(file)
             os.replace(tmp, partial)  # the open file follows the rename (POSIX)
@@ -121,18 +122,37 @@ class VideoWriter:
         return cls(output, settings, file, header, chunks, frames)
 
     def write(self, frames: np.ndarray) -> None:
-        """Append one chunk: uint8 frames [F, H, W, 3]. On return the chunk is on disk and the file plays."""
+        """Append one chunk: uint8 frames [F, H, W, 3]. On return the chunk is on disk and the file plays.
+
+        If the write fails (a full disk, a quota) or is interrupted (Ctrl-C, SIGTERM), the torn fragment is cut off
+        again, so the file still ends with its last whole chunk and plays to its end; the error is raised with the
+        partial file as its `filename`.
+        """
         data = encode_chunk(frames, self.frames, self.chunks, self.settings)
         header = _header(data)
-        if self.header is None:
-            self.header = header
-            self._file.write(data)
-        else:
+        if self.header is not None:
             # Fragments from encoders with other stream parameters would not decode with the first header.
             assert header == self.header, "chunk encoded with other stream parameters than the first chunk"
-            self._file.write(data[len(header) :])
-        _flush(self._file)
+            data = data[len(header) :]
+        end = self._file.tell()  # where the last whole chunk ends
+        try:
+            _write_all(self._file, data)
+            _flush(self._file)
+        except BaseException as err:
+            self._cut(end)
+            if isinstance(err, OSError):
+                err.filename = str(self.partial)
+            raise
+        self.header = header
         self.chunks, self.frames = self.chunks + 1, self.frames + len(frames)
+
+    def _cut(self, size: int) -> None:
+        try:
+            self._file.truncate(size)  # frees space: works on a full disk
+            self._file.seek(size)
+            _flush(self._file)
+        except OSError:  # nothing better to do; the reader still stops at the torn fragment (read_fragments)
+            pass
 
     def finish(self) -> Path:
         """Close and move the finished video to the output path (replacing any file there)."""
@@ -227,6 +247,18 @@ def _children(box: bytes, kind: bytes) -> list[bytes]:
             found.append(box[i : i + length])
         i += length
     return found
+
+
+def _write_all(file, data: bytes) -> None:
+    """Write all of `data` to an unbuffered file (a raw write may write less, e.g. just before the disk is full).
+
+    Unbuffered, so that after a failed write no bytes are left in a buffer to land after the cut (see write)."""
+    view = memoryview(data)
+    while view:
+        written = file.write(view)
+        if not written:  # not seen from a regular file, but a loop that cannot end must not be written
+            raise OSError(errno.EIO, "the write wrote nothing")
+        view = view[written:]
 
 
 def _flush(file) -> None:

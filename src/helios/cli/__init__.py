@@ -9,12 +9,14 @@ heavy (paths, the model name, sizes), then writes the pipeline's chunks to a vid
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from pathlib import Path
 
 from .. import __version__
 from ..folder import BUILTIN_MODELS, PUBLISHED
+from . import checks
 from .common import BAD_INPUT, EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, quiet_libraries
 
 EXAMPLES = f"""
@@ -51,17 +53,21 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *_, **__: f"helios: warning: {message}\n"
     if getattr(args, "quiet", False):
         warnings.simplefilter("ignore")
+    previous = checks.handle_sigterm()  # SIGTERM ends a run as Ctrl-C does, keeping what is finished
     try:
         return args.run(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("helios: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return getattr(err, "exit_code", EXIT_INTERRUPTED)
     except Exception as err:
         if args.debug:
             raise
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"helios: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT if isinstance(err, BAD_INPUT) else EXIT_FAILURE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,10 +114,10 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     conditioning.add_argument("--video", type=Path, metavar="PATH",
                               help="video-to-video: continue this video (at least 33 frames)")
     v = p.add_argument_group("video")
-    v.add_argument("--num-frames", type=_positive_int, metavar="N",
+    v.add_argument("--num-frames", type=checks.frame_count, metavar="N",
                    help="frames to generate, rounded up to whole 33-frame chunks, then trimmed to 4n+1 (default: "
                    "the model's; 240 for Distilled, 99 for Base and Mid; the schedule's length with "
-                   "--prompt-schedule)")
+                   "--prompt-schedule; at most a day of video, 2073600)")
     v.add_argument("--height", type=_positive_int, metavar="H", help="(default 384; a multiple of 64 for Mid and "
                    "Distilled, of 16 for Base; built-in models default to 192x320)")
     v.add_argument("--width", type=_positive_int, metavar="W", help="(default 640)")
@@ -119,6 +125,9 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--output", "-o", type=Path, default=Path("output.mp4"), metavar="PATH",
                    help="the .mp4 to write (default output.mp4); it grows beside it as NAME.partial.mp4, which "
                    "plays at any time, and is renamed at the end")
+    v.add_argument("--overwrite", action="store_true", help="replace an existing --output (it stays until the new "
+                   "video is complete), or an interrupted run's NAME.partial.mp4; without it they are kept and the "
+                   "run refused")
     v.add_argument("--crf", type=int, default=18, choices=range(52), metavar="0-51",
                    help="H.264 quality: 0 lossless (in 4:2:0 YUV), 18 visually lossless (default), 23 smaller")
     v.add_argument("--lossless", action="store_true",
@@ -131,7 +140,7 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--steps", type=_positive_int, metavar="N", help="denoising steps, Base (default 50)")
     s.add_argument("--pyramid-steps", type=_positive_int, nargs="+", metavar="N",
                    help="steps per pyramid stage, Mid and Distilled (default 20 20 20 for Mid, 2 2 2 for Distilled)")
-    s.add_argument("--guidance", type=float, metavar="G", help="classifier-free guidance scale (default 5.0 for "
+    s.add_argument("--guidance", type=checks.guidance, metavar="G", help="classifier-free guidance scale (default 5.0 for "
                    "Base and Mid, 1.0 = none for Distilled)")
     s.add_argument("--amplify-first-chunk", action=argparse.BooleanOptionalAction,
                    help="twice the steps for chunk 0 (default: on for Distilled)")
@@ -139,7 +148,8 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
                    help="anchor on chunk 1 instead of chunk 0 (if the first chunk of I2V/V2V comes out static)")
     s.add_argument("--interpolation-steps", type=_positive_int, metavar="N",
                    help="chunks over which a scheduled prompt change is blended (default 3; 1 = switch at once)")
-    s.add_argument("--seed", type=int, metavar="S", help="(default: random, printed at the end)")
+    s.add_argument("--seed", type=checks.seed, metavar="S", help="(default: random, printed at the end; an integer "
+                   "in [-2**63, 2**64))")
     s.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
                    help="transformer and text encoder dtype (default: bfloat16 on CUDA, float32 on CPU; the VAE "
                    "runs in float32)")

@@ -12,11 +12,13 @@ from pathlib import Path
 
 from ..folder import check_model_name, noise_notice, open_model
 from ..video_io import SUFFIXES, VideoSettings, VideoWriter, partial_path, to_uint8
+from .checks import check_flags, device_and_dtype
 from .common import EXIT_INTERRUPTED, GenerationFailed, check_writable, quiet_libraries
 from .progress import Progress, peak_memory
 
 
 def generate(args) -> int:
+    check_flags(args)
     _check_paths(args)
     check_model_name(args.model)
     from ..prompts import read_schedule
@@ -30,10 +32,10 @@ def generate(args) -> int:
     from ..generate import HeliosPipeline  # the heavy imports (transformers, diffusers) after the cheap checks
     from ..plan import make_plan
 
+    device, dtype = device_and_dtype(args)
     with open_model(args.model) as model:
         # The plan checks the options against the model's config files before any weights are read.
         plan = make_plan(prompt, _options(args), model.variant, model.defaults, patch_size=model.patch_size)
-        device, dtype = _device_and_dtype(args)
         pipe = HeliosPipeline.from_pretrained(model, torch_dtype=dtype, device=device)
         if args.compile:
             from ..speed import compile_blocks
@@ -79,26 +81,10 @@ def _media(args) -> dict:
     from ..options import SamplingOptions
 
     if args.image is not None:
-        return {"image": load_image(args.image)}
+        return {"image": load_image(args.image, name="--image")}
     if args.video is not None:
-        return {"video": load_video(args.video, min_frames=SamplingOptions().window_frames)}
+        return {"video": load_video(args.video, min_frames=SamplingOptions().window_frames, name="--video")}
     return {}
-
-
-def _device_and_dtype(args):
-    import torch
-
-    name = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {args.device}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-    if args.dtype != "auto":
-        return device, getattr(torch, args.dtype)
-    # bf16 as the official scripts on GPUs; CPUs often lack fast bf16 matmuls.
-    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _generate_to_file(pipe, args, plan, media: dict, state, notice: str | None) -> int:
@@ -158,9 +144,11 @@ def _stopped(err: BaseException, writer: VideoWriter, progress: Progress, state_
     kept = (f"the first {writer.frames} frames are in {writer.partial}" if writer.chunks else "no chunk was finished")
     hint = (f"; continue with the same command and --resume {state_path}" if state_path is not None and writer.chunks
             else "")
-    if isinstance(err, KeyboardInterrupt):
+    if isinstance(err, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (checks.Terminated)
         print(f"helios: interrupted after {writer.chunks} chunks: {kept}{hint}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return getattr(err, "exit_code", EXIT_INTERRUPTED)
     if not isinstance(err, Exception):
         raise err
+    if isinstance(err, OSError) and err.filename == str(writer.partial):  # a full disk, a quota: the video's file
+        raise GenerationFailed(f"cannot write {writer.partial}: {err.strerror or err} ({kept}{hint})") from err
     raise GenerationFailed(f"generation failed after {writer.chunks} chunks ({kept}{hint}): {err}") from err

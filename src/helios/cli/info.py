@@ -9,15 +9,12 @@ headers), and the transformer's tensor names and shapes match its config exactly
 from __future__ import annotations
 
 import json
-import struct
 import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..folder import COMPONENTS, read_variant
-
-_MAX_HEADER = 100 * 2**20  # a safetensors header is JSON; anything bigger is not one
+from ..folder import COMPONENTS, read_variant, safetensors_header
 
 
 @dataclass
@@ -153,21 +150,6 @@ def _check_transformer_headers(directory: Path, headers: dict) -> None:
     if missing or unexpected or shapes:
         raise ValueError(f"weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
                          f"shapes {shapes[:5]}")
-
-
-def safetensors_header(path: Path) -> dict:
-    """{name: {dtype, shape, data_offsets}} of a safetensors file, after checking the file is complete."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        length = struct.unpack("<Q", f.read(8))[0] if size >= 8 else -1
-        if not 0 < length <= min(_MAX_HEADER, size - 8):
-            raise ValueError(f"{path}: not a safetensors file")
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    end = 8 + length + max((info["data_offsets"][1] for info in header.values()), default=0)
-    if size < end:
-        raise ValueError(f"{path}: truncated ({size:,} bytes, its header describes {end:,})")
-    return header
 
 
 _DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
