@@ -77,20 +77,27 @@ class HeliosPipeline:
         self._holder = None  # keeps a built-in model's temporary folder alive as long as the pipeline
 
     @classmethod
-    def from_pretrained(cls, model, torch_dtype=None, device=None, vae_dtype=torch.float32) -> HeliosPipeline:
+    def from_pretrained(cls, model, torch_dtype=None, device=None, vae_dtype=torch.float32,
+                        quantize: str | None = None) -> HeliosPipeline:
         """Load a model: a folder laid out like the published repos, a hub repo id, a built-in name
         ("helios-tiny", "helios-tiny-mid", "helios-tiny-base": tiny random weights), or a folder.ModelFolder.
 
         torch_dtype (transformer and text encoder): default bfloat16 on CUDA, float32 on a CPU (where bf16 matmuls
         are slow or missing). The VAE runs in vae_dtype, float32 as in every official script.
+        quantize: None, "int8" or "fp8": the transformer's block weights, weight-only, while loading (quantize.py).
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if torch_dtype is None:
             torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if quantize is not None:
+            from .quantize import check_scheme
+
+            check_scheme(quantize, device)  # before the hub is asked for anything
         holder, folder = open_model_folder(model)
         try:
             transformer = HeliosTransformer3DModel.from_pretrained(folder.component("transformer"),
-                                                                   torch_dtype=torch_dtype, device=device)
+                                                                   torch_dtype=torch_dtype, device=device,
+                                                                   quantize=quantize)
             vae = VideoVAE.from_pretrained(folder.component("vae"), dtype=vae_dtype, device=device)
             text_encoder = TextEncoder.from_pretrained(folder.component("text_encoder"), folder.component("tokenizer"),
                                                        dtype=torch_dtype, device=device)
