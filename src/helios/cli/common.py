@@ -20,11 +20,17 @@ def quiet_libraries(debug: bool) -> None:
         return
     import logging
 
+    # torchao (the quantize extra; diffusers imports it whenever it is installed) logs warnings about optional native
+    # kernels and deprecated registrations at import; set before the import. diffusers resets its own level when it
+    # is first imported, so it is quieted through its own switch.
+    for name in ("torchao", "torch.utils._pytree", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    for name in ("transformers", "diffusers", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()
 
 
 def check_writable(path: Path, what: str) -> None:
