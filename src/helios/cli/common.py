@@ -20,17 +20,14 @@ def quiet_libraries(debug: bool) -> None:
         return
     import logging
 
-    # torchao (the quantize extra; diffusers imports it whenever it is installed) logs warnings about optional native
-    # kernels and deprecated registrations at import; set before the import. diffusers resets its own level when it
-    # is first imported, so it is quieted through its own switch.
-    for name in ("torchao", "torch.utils._pytree", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    diffusers_logging.set_verbosity_error()
+    for name in ("transformers", "diffusers", "huggingface_hub", "torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # diffusers sets its level from DIFFUSERS_VERBOSITY when it is first imported, over the line above; once torchao
+    # (the quantize extra) is installed, that import logs warnings of torchao's and of its own about it.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
 def check_writable(path: Path, what: str) -> None:
