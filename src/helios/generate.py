@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import lora
 from .denoise import Cancelled, denoise_chunk, guided_velocity
 from .folder import ModelFolder, open_model_folder
 from .history import History
@@ -76,20 +77,27 @@ class HeliosPipeline:
         self._holder = None  # keeps a built-in model's temporary folder alive as long as the pipeline
 
     @classmethod
-    def from_pretrained(cls, model, torch_dtype=None, device=None, vae_dtype=torch.float32) -> HeliosPipeline:
+    def from_pretrained(cls, model, torch_dtype=None, device=None, vae_dtype=torch.float32,
+                        quantize: str | None = None) -> HeliosPipeline:
         """Load a model: a folder laid out like the published repos, a hub repo id, a built-in name
         ("helios-tiny", "helios-tiny-mid", "helios-tiny-base": tiny random weights), or a folder.ModelFolder.
 
         torch_dtype (transformer and text encoder): default bfloat16 on CUDA, float32 on a CPU (where bf16 matmuls
         are slow or missing). The VAE runs in vae_dtype, float32 as in every official script.
+        quantize: None, "int8" or "fp8": the transformer's block weights, weight-only, while loading (quantize.py).
         """
         device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = default_dtype(device) if torch_dtype is None else torch_dtype
+        if quantize is not None:
+            from .quantize import check_scheme
+
+            check_scheme(quantize, device)  # before the hub is asked for anything
         holder, folder = open_model_folder(model)
         try:
             folder.check_weight_files()  # a truncated VAE file is found before minutes of loading the transformer
             transformer = HeliosTransformer3DModel.from_pretrained(folder.component("transformer"),
-                                                                   torch_dtype=torch_dtype, device=device)
+                                                                   torch_dtype=torch_dtype, device=device,
+                                                                   quantize=quantize)
             vae = VideoVAE.from_pretrained(folder.component("vae"), dtype=vae_dtype, device=device)
             text_encoder = TextEncoder.from_pretrained(folder.component("text_encoder"), folder.component("tokenizer"),
                                                        dtype=torch_dtype, device=device)
@@ -104,6 +112,19 @@ class HeliosPipeline:
     @property
     def device(self) -> torch.device:
         return self.transformer.device
+
+    # LoRA adapters on the transformer (lora.py), under the names diffusers' pipelines use.
+    def load_lora_weights(self, path_or_repo, adapter_name: str | None = None, scale: float = 1.0,
+                          weight_name: str | None = None) -> str:
+        """Add a LoRA (a safetensors file, a folder holding one, or a hub repo); returns the adapter's name."""
+        return lora.load_lora(self.transformer, path_or_repo, adapter_name, scale, weight_name)
+
+    def set_lora_scale(self, adapter_name: str, scale: float) -> None:
+        lora.set_lora_scale(self.transformer, adapter_name, scale)
+
+    def unload_lora_weights(self, adapter_name: str | None = None) -> None:
+        """Remove one adapter, or all (the transformer is then exactly as loaded)."""
+        lora.unload_lora(self.transformer, adapter_name)
 
     def generate(self, prompt, opts: SamplingOptions = SamplingOptions(), negative_prompt: str | None = None,
                  image=None, video=None, resume: GenerationState | str | Path | None = None,
