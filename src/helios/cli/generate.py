@@ -34,7 +34,8 @@ def generate(args) -> int:
         # The plan checks the options against the model's config files before any weights are read.
         plan = make_plan(prompt, _options(args), model.variant, model.defaults, patch_size=model.patch_size)
         device, dtype = _device_and_dtype(args)
-        pipe = HeliosPipeline.from_pretrained(model, torch_dtype=dtype, device=device)
+        pipe = HeliosPipeline.from_pretrained(model, torch_dtype=dtype, device=device, offload=args.offload,
+                                              text_encoder_device=_text_encoder_device(args))
         if args.compile:
             from ..speed import compile_blocks
 
@@ -99,6 +100,20 @@ def _device_and_dtype(args):
         return device, getattr(torch, args.dtype)
     # bf16 as the official scripts on GPUs; CPUs often lack fast bf16 matmuls.
     return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _text_encoder_device(args):
+    import torch
+
+    if args.text_encoder_device is None:
+        return None
+    try:
+        device = torch.device(args.text_encoder_device)
+    except RuntimeError as err:
+        raise ValueError(f"--text-encoder-device {args.text_encoder_device}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--text-encoder-device {args.text_encoder_device}: CUDA is not available on this machine")
+    return device
 
 
 def _generate_to_file(pipe, args, plan, media: dict, state, notice: str | None) -> int:
