@@ -96,11 +96,12 @@ class HeliosTransformer3DModel(nn.Module):
     # the class to build, so there is no import cycle, and this file holds the model's math only.
     @classmethod
     def from_pretrained(cls, path_or_repo_id, subfolder: str | None = None, torch_dtype=None, device="cpu",
-                        quantize: str | None = None):
+                        quantize: str | None = None, offload: str | None = None):
         """Load a folder (config.json + safetensors), a model folder's `subfolder`, or a hub repo id.
 
         quantize: None, "int8" or "fp8": weight-only, the blocks' Linear layers, block by block while loading
-        (quantize.py)."""
+        (quantize.py). offload="blocks": only the small modules are loaded; each block's weights are read from the
+        memory-mapped checkpoint when the block runs (stream_blocks.py)."""
         from . import weights
 
         prepare_block = None
@@ -110,7 +111,7 @@ class HeliosTransformer3DModel(nn.Module):
             check_scheme(quantize, device)  # a bad name or an fp8-less device fails before any file is read
             prepare_block = functools.partial(quantize_block, scheme=quantize)
         return weights.load_transformer(cls, path_or_repo_id, subfolder=subfolder, torch_dtype=torch_dtype,
-                                        device=device, prepare_block=prepare_block)
+                                        device=device, prepare_block=prepare_block, offload=offload)
 
     def save_pretrained(self, directory, max_shard_size: int | str = "10GB") -> None:
         from . import weights

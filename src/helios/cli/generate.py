@@ -36,7 +36,8 @@ def generate(args) -> int:
     with open_model(args.model) as model:
         # The plan checks the options against the model's config files before any weights are read.
         plan = make_plan(prompt, _options(args), model.variant, model.defaults, patch_size=model.patch_size)
-        pipe = HeliosPipeline.from_pretrained(model, torch_dtype=dtype, device=device, quantize=args.quantize)
+        pipe = HeliosPipeline.from_pretrained(model, torch_dtype=dtype, device=device, quantize=args.quantize,
+                                              offload=args.offload, text_encoder_device=_text_encoder_device(args))
         for path, scale in args.lora:
             pipe.load_lora_weights(path, scale=scale)
         if args.compile:
@@ -90,6 +91,20 @@ def _media(args) -> dict:
     if args.video is not None:
         return {"video": load_video(args.video, min_frames=SamplingOptions().window_frames, name="--video")}
     return {}
+
+
+def _text_encoder_device(args):
+    import torch
+
+    if args.text_encoder_device is None:
+        return None
+    try:
+        device = torch.device(args.text_encoder_device)
+    except RuntimeError as err:
+        raise ValueError(f"--text-encoder-device {args.text_encoder_device}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--text-encoder-device {args.text_encoder_device}: CUDA is not available on this machine")
+    return device
 
 
 def _generate_to_file(pipe, args, plan, media: dict, state, notice: str | None) -> int:
