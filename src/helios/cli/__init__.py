@@ -9,6 +9,7 @@ then writes the pipeline's chunks to a video file as they arrive (video_io.py) w
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = " ".join(str(err).split()) or type(err).__name__
-        print(f"helios: error: {message}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under torchrun every process reports its own failure
+        print(f"helios{'' if rank == '0' else f' (rank {rank})'}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT if isinstance(err, BAD_INPUT) else EXIT_FAILURE
 
 
@@ -146,6 +148,7 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     s.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks, for GPUs (the first "
                    "chunk at each resolution waits for the compiler; on a CPU it gains nothing)")
+    _parallel_arguments(p)
     r = p.add_argument_group("long runs and output")
     r.add_argument("--state", type=Path, metavar="PATH", help="save the generation state here after every chunk")
     r.add_argument("--resume", type=Path, metavar="PATH", help="continue an interrupted run from its --state file: "
@@ -153,6 +156,15 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
     out = r.add_mutually_exclusive_group()
     out.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     out.add_argument("--json", action="store_true", help="one JSON object per chunk on stdout, then a summary")
+
+
+def _parallel_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several GPUs (under torchrun --nproc-per-node N; see the README)")
+    g.add_argument("--cfg-parallel", action="store_true",
+                   help="run the two passes of classifier-free guidance (Base, Mid) on two halves of the processes, "
+                   "each half splitting the tokens among its own (needs an even number of processes)")
+    g.add_argument("--dist-timeout", type=_positive_int, default=600, metavar="S",
+                   help="seconds a process waits for the others before it gives up with an error (default 600)")
 
 
 def _positive_int(text: str) -> int:
