@@ -237,3 +237,19 @@ def test_a_rank_that_dies_stops_the_others_and_torchrun_resumes_the_video(tmp_pa
     frames, _ = read_video(tmp_path / "fox.mp4")
     assert frames.shape == expected.shape
     assert np.abs(frames.astype(int) - expected.astype(int)).max() <= 1  # lossless RGB, equal up to rounding
+
+
+@pytest.mark.slow
+def test_the_benchmark_counts_what_the_formula_says():
+    small = ["--height", "64", "--width", "64", "--layers", "2", "--heads", "2", "--head-dim", "16", "--ffn", "64",
+             "--text-dim", "32", "--text-len", "8", "--runs", "2"]
+    done = subprocess.run([sys.executable, "-m", "helios.bench", "parallel", "--processes", "1", "2", *small],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = json.loads(done.stdout)["results"]
+    assert one["processes"] == 1 and one["plain_step_s"] > 0 and "overhead" in one
+    # 184 tokens (144 current + 40 memory) divide by 2: no padding, so the buffers are exactly the formula's bytes
+    assert two["tokens"] == 184 and two["sent_bytes"] == two["formula_bytes"] > 0
+    assert two["gathered_bytes"] == 72 * 64 * 4  # 72 current tokens x 64 outputs (16 channels x 2x2 patch), fp32
+    assert two["loopback_bytes"] is None or two["loopback_bytes"] >= 2 * two["sent_bytes"]
+    assert "all-to-all sent / rank" in done.stderr

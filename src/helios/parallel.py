@@ -62,6 +62,7 @@ class SequenceShards:
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.order: torch.Tensor | None = None
         self.sent_bytes = 0  # what this rank's all-to-alls sent to other ranks (benchmarks read it)
+        self.gathered_bytes = 0  # what this rank's share of the output went out as, to every other rank
         self.local_lengths: tuple[int, ...] = ()  # this rank's tokens of each part in the last forward (tests read it)
 
     def split(self, parts: list[torch.Tensor], rope: torch.Tensor, split_timestep: bool):
@@ -78,6 +79,7 @@ class SequenceShards:
             return out
         pieces = [torch.empty_like(out) for _ in range(self.size)]
         dist.all_gather(pieces, out.contiguous(), group=self.group)
+        self.gathered_bytes += out.numel() * out.element_size() * (self.size - 1)
         return torch.cat(pieces, dim=1)[:, : self.current]
 
     def all_to_all(self, send: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,9 @@ examples:
   # ... interrupted? The same command with --resume continues it (story.partial.mp4 holds what is done)
   helios generate --model {PUBLISHED[2]} --prompt-schedule story.tsv --resume story.state --output story.mp4
 
+  # one video on 8 GPUs: each process holds 1/8 of the tokens; --cfg-parallel (Base, Mid) splits guidance's passes
+  torchrun --nproc-per-node 8 -m helios generate --model {PUBLISHED[0]} --prompt "..." --cfg-parallel --output fox.mp4
+
   helios info {PUBLISHED[2]}
 
 built-in models: {", ".join(BUILTIN_MODELS)} (tiny random weights; no download)

@@ -58,10 +58,10 @@ def generate(args) -> int:
 def _check_paths(args) -> None:
     if args.output.suffix.lower() not in SUFFIXES:
         raise ValueError(f"--output {args.output}: videos are written as MP4, give a name ending in .mp4")
-    check_writable(args.output, "--output")
-    for flag in ("state", "resume"):  # a resumed run keeps saving its state to the --resume file
-        if getattr(args, flag) is not None:
-            check_writable(getattr(args, flag), f"--{flag}")
+    writes = [("output", args.output), ("state", args.state), ("resume", args.resume)]  # --resume: saved there too
+    for flag, path in writes if rank() == 0 else []:  # under torchrun only rank 0 writes (on its own machine)
+        if path is not None:
+            check_writable(path, f"--{flag}")
     for flag in ("resume", "image", "video", "prompt_schedule"):
         path = getattr(args, flag)
         if path is not None and not path.is_file():
