@@ -40,19 +40,24 @@ def generate(args) -> int:
         check_launch(world_size(), _heads(model), args.cfg_parallel, plan.opts.guidance_scale)
         device, dtype = _device_and_dtype(args)
         with process_group(device, args.dist_timeout) as several:  # under torchrun: one video, all processes
-            pipe = HeliosPipeline.from_pretrained(model, torch_dtype=dtype, device=device)
-            if several:
-                from ..parallel import parallelize_pipeline
-
-                parallelize_pipeline(pipe, cfg_parallel=args.cfg_parallel)
-            if args.compile:
-                from ..speed import compile_blocks
-
-                compile_blocks(pipe.transformer)
+            pipe = _load(HeliosPipeline, model, args, device, dtype, several)
             if rank() != 0:
                 return _follow(pipe, args, plan, media, state)
             notice = noise_notice(args.model) if model.builtin and not args.quiet else None
             return _generate_to_file(pipe, args, plan, media, state, notice)
+
+
+def _load(pipeline_class, model, args, device, dtype, several: bool):
+    pipe = pipeline_class.from_pretrained(model, torch_dtype=dtype, device=device)
+    if several:
+        from ..parallel import parallelize_pipeline
+
+        parallelize_pipeline(pipe, cfg_parallel=args.cfg_parallel)
+    if args.compile:
+        from ..speed import compile_blocks
+
+        compile_blocks(pipe.transformer)
+    return pipe
 
 
 def _check_paths(args) -> None:
