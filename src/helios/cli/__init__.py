@@ -9,6 +9,7 @@ heavy (paths, the model name, sizes), then writes the pipeline's chunks to a vid
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import warnings
@@ -39,6 +40,8 @@ examples:
 
   # a GPU with 24 GB or less: stream the transformer's blocks (README: Low memory)
   helios generate --model {PUBLISHED[2]} --prompt "..." --offload blocks --output fox.mp4
+  # one video on 8 GPUs: each process holds 1/8 of the tokens; --cfg-parallel (Base, Mid) splits guidance's passes
+  torchrun --nproc-per-node 8 -m helios generate --model {PUBLISHED[0]} --prompt "..." --cfg-parallel --output fox.mp4
 
   helios info {PUBLISHED[2]}
 
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = " ".join(str(err).split()) or type(err).__name__
-        print(f"helios: error: {message}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under torchrun every process reports its own failure
+        print(f"helios{'' if rank == '0' else f' (rank {rank})'}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT if isinstance(err, BAD_INPUT) else EXIT_FAILURE
     finally:
         if previous is not None:
@@ -165,6 +169,7 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--lora", action="append", type=_lora_spec, default=[], metavar="PATH[:SCALE]",
                    help="a LoRA adapter: a safetensors file, a folder holding pytorch_lora_weights.safetensors, or a "
                    "Hugging Face repo id; SCALE defaults to 1. Repeat for several adapters")
+    _parallel_arguments(p)
     r = p.add_argument_group("long runs and output")
     r.add_argument("--state", type=Path, metavar="PATH", help="save the generation state here after every chunk")
     r.add_argument("--resume", type=Path, metavar="PATH", help="continue an interrupted run from its --state file: "
@@ -184,6 +189,15 @@ def _memory_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--text-encoder-device", metavar="DEVICE",
                    help="run the text encoder here for good, e.g. cpu (then it needs no GPU memory; it runs once per "
                    "prompt). Default: --device")
+
+
+def _parallel_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several GPUs (under torchrun --nproc-per-node N; see the README)")
+    g.add_argument("--cfg-parallel", action="store_true",
+                   help="run the two passes of classifier-free guidance (Base, Mid) on two halves of the processes, "
+                   "each half splitting the tokens among its own (needs an even number of processes)")
+    g.add_argument("--dist-timeout", type=_positive_int, default=600, metavar="S",
+                   help="seconds a process waits for the others before it gives up with an error (default 600)")
 
 
 def _positive_int(text: str) -> int:
