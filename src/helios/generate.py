@@ -26,6 +26,7 @@ from .offload import Resident, plan_loading
 from .options import VARIANT_DEFAULTS, SamplingOptions, Variant
 from .plan import GenerationPlan, make_plan
 from .state import GenerationState, fingerprint
+from .steering import PromptTrack, Steering
 from .text import TextEncoder
 from .vae import VideoVAE
 
@@ -46,6 +47,7 @@ class Chunk:
     num_chunks: int
     timings: dict[str, float]  # denoise_s, decode_s
     state: GenerationState  # save it to resume after this chunk
+    prompt: dict  # the prompt this chunk moved to, its weight, and the steering change it came from (steering.py)
 
 
 @dataclass
@@ -60,7 +62,8 @@ class _Run:
     """One generation's fixed inputs: the plan, texts, the memory and the generator."""
 
     plan: GenerationPlan
-    texts: torch.Tensor  # [n_prompts, L, D]
+    track: PromptTrack  # each chunk's text: the schedule's, then the steering's
+    steering: Steering | None
     negative: torch.Tensor | None
     history: History
     generator: torch.Generator
@@ -151,12 +154,16 @@ class HeliosPipeline:
 
     def stream(self, prompt, opts: SamplingOptions = SamplingOptions(), negative_prompt: str | None = None,
                image=None, video=None, resume: GenerationState | str | Path | None = None,
-               on_step: Callable[[StepInfo], bool | None] | None = None) -> Iterator[Chunk]:
+               on_step: Callable[[StepInfo], bool | None] | None = None,
+               steering: Steering | None = None) -> Iterator[Chunk]:
         """Yield each chunk as soon as it is decoded. Stop iterating to cancel between chunks; return True from
         on_step to cancel between denoising steps (the stream then ends without a partial chunk).
 
+        steering: prompt changes while the stream runs (`steering.set(prompt, transition_chunks)`), applied when the
+        next chunk starts (steering.py).
+
         Inputs are checked here, when stream() is called, not when the first chunk is asked for."""
-        run = self._prepare(prompt, opts, negative_prompt, image, video, resume)
+        run = self._prepare(prompt, opts, negative_prompt, image, video, resume, steering)
         return self._chunks(run, on_step)
 
     def plan(self, prompt, opts: SamplingOptions = SamplingOptions(), **length) -> GenerationPlan:
@@ -173,7 +180,7 @@ class HeliosPipeline:
 
     # -- preparation: everything is checked before the first model call ----------------------------------------
 
-    def _prepare(self, prompt, opts, negative_prompt, image, video, resume) -> _Run:
+    def _prepare(self, prompt, opts, negative_prompt, image, video, resume, steering=None) -> _Run:
         if isinstance(prompt, GenerationPlan) and opts != SamplingOptions():
             raise ValueError("opts: a plan carries its own options; pass them to plan(), not with the plan")
         plan = prompt if isinstance(prompt, GenerationPlan) else self.plan(prompt, opts)
@@ -208,7 +215,12 @@ class HeliosPipeline:
             history, first = resume.history.copy(self.device), resume.next_chunk
         else:
             history, first = self._initial_history(opts, pixels, mode, generator), 0
-        return _Run(plan, texts, negative, history, generator, seed, first, digest)
+        track = PromptTrack(plan, texts, lambda text: self._encode_texts([text], opts))
+        if resume is not None:
+            track.replay(list(resume.prompts))
+        if steering is not None:
+            steering.bind(track.encode)
+        return _Run(plan, track, steering, negative, history, generator, seed, first, digest)
 
     @torch.inference_mode()
     def _encode_texts(self, prompts: list[str], opts: SamplingOptions) -> torch.Tensor:
@@ -261,7 +273,7 @@ class HeliosPipeline:
     def _chunk(self, run: _Run, k: int, on_step) -> Chunk:
         plan, history, model = run.plan, run.history, self.transformer
         opts, start = plan.opts, time.perf_counter()
-        text = _blended_text(run.texts, *plan.blend(k))
+        text = run.track.text(k, run.steering.take() if run.steering is not None else None)
         noise = torch.randn(1, model.config.in_channels, opts.num_latent_frames_per_chunk, *plan.latent_size,
                             generator=run.generator).to(self.device)
         schedules = plan.stage_schedules(k)
@@ -281,9 +293,10 @@ class HeliosPipeline:
         denoised = time.perf_counter()
         with self.placement.on_device("vae"):
             frames = self.vae.postprocess(self.vae.decode(latents))[: plan.frames_in_chunk(k)]
-        state = GenerationState(history.copy(), run.generator.get_state(), k + 1, run.seed, run.fingerprint)
+        records = tuple(run.track.records)
+        state = GenerationState(history.copy(), run.generator.get_state(), k + 1, run.seed, run.fingerprint, records)
         timings = {"denoise_s": denoised - start, "decode_s": time.perf_counter() - denoised}
-        return Chunk(k, frames, latents, plan.num_chunks, timings, state)
+        return Chunk(k, frames, latents, plan.num_chunks, timings, state, records[-1])
 
 
 DEVICE_TYPES = ("cpu", "cuda")  # where the pipeline runs and is tested
