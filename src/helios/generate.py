@@ -16,17 +16,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import lora
 from .denoise import Cancelled, denoise_chunk, guided_velocity
 from .folder import ModelFolder, open_model_folder
 from .history import History
 from .media import load_image, load_video
 from .model import HeliosTransformer3DModel
-from .offload import Resident, plan_loading
 from .options import VARIANT_DEFAULTS, SamplingOptions, Variant
 from .plan import GenerationPlan, make_plan
 from .state import GenerationState, fingerprint
-from .steering import PromptTrack, Steering
 from .text import TextEncoder
 from .vae import VideoVAE
 
@@ -47,7 +44,6 @@ class Chunk:
     num_chunks: int
     timings: dict[str, float]  # denoise_s, decode_s
     state: GenerationState  # save it to resume after this chunk
-    prompt: dict  # the prompt this chunk moved to, its weight, and the steering change it came from (steering.py)
 
 
 @dataclass
@@ -62,8 +58,7 @@ class _Run:
     """One generation's fixed inputs: the plan, texts, the memory and the generator."""
 
     plan: GenerationPlan
-    track: PromptTrack  # each chunk's text: the schedule's, then the steering's
-    steering: Steering | None
+    texts: torch.Tensor  # [n_prompts, L, D]
     negative: torch.Tensor | None
     history: History
     generator: torch.Generator
@@ -79,65 +74,36 @@ class HeliosPipeline:
         self.defaults = dict(VARIANT_DEFAULTS[variant.name] if defaults is None else defaults)  # for unset options
         self.folder = folder  # where the components were loaded from, if anywhere
         self._holder = None  # keeps a built-in model's temporary folder alive as long as the pipeline
-        self.placement = Resident(transformer)  # which component is on the device when (offload.py)
-        self.guidance_pair = None  # how the two CFG passes run: None is one after the other (parallel.py sets it)
 
     @classmethod
-    def from_pretrained(cls, model, torch_dtype=None, device=None, vae_dtype=torch.float32, offload=None,
-                        text_encoder_device=None, quantize: str | None = None) -> HeliosPipeline:
+    def from_pretrained(cls, model, torch_dtype=None, device=None, vae_dtype=torch.float32) -> HeliosPipeline:
         """Load a model: a folder laid out like the published repos, a hub repo id, a built-in name
         ("helios-tiny", "helios-tiny-mid", "helios-tiny-base": tiny random weights), or a folder.ModelFolder.
 
         torch_dtype (transformer and text encoder): default bfloat16 on CUDA, float32 on a CPU (where bf16 matmuls
         are slow or missing). The VAE runs in vae_dtype, float32 as in every official script.
-        quantize: None, "int8" or "fp8": the transformer's block weights, weight-only, while loading (quantize.py).
-
-        offload (README "Low memory"): None keeps every component on `device`; "model" keeps them in host memory,
-        each on `device` only while it runs; "blocks" also streams the transformer's blocks from the memory-mapped
-        checkpoint. text_encoder_device (e.g. "cpu") runs the text encoder there for good.
         """
         device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        where = plan_loading(offload, device, text_encoder_device)  # checked before anything is read
         torch_dtype = default_dtype(device) if torch_dtype is None else torch_dtype
-        if quantize is not None:
-            from .quantize import check_scheme
-
-            check_scheme(quantize, device)  # before the hub is asked for anything
         holder, folder = open_model_folder(model)
         try:
             folder.check_weight_files()  # a truncated VAE file is found before minutes of loading the transformer
-            transformer = HeliosTransformer3DModel.from_pretrained(
-                folder.component("transformer"), torch_dtype=torch_dtype, device=where.transformer,
-                quantize=quantize, offload=where.transformer_offload)
-            vae = VideoVAE.from_pretrained(folder.component("vae"), dtype=vae_dtype, device=where.vae)
+            transformer = HeliosTransformer3DModel.from_pretrained(folder.component("transformer"),
+                                                                   torch_dtype=torch_dtype, device=device)
+            vae = VideoVAE.from_pretrained(folder.component("vae"), dtype=vae_dtype, device=device)
             text_encoder = TextEncoder.from_pretrained(folder.component("text_encoder"), folder.component("tokenizer"),
-                                                       dtype=torch_dtype, device=where.text_encoder)
+                                                       dtype=torch_dtype, device=device)
         except BaseException:
             if holder is not None:
                 holder.cleanup()
             raise
         pipe = cls(transformer, vae, text_encoder, folder.variant, folder.defaults, folder)
         pipe._holder = holder
-        pipe.placement = where.placement(pipe)
         return pipe
 
     @property
     def device(self) -> torch.device:
-        """Where the work runs (with offload, components visit it in turn)."""
-        return self.placement.device
-
-    # LoRA adapters on the transformer (lora.py), under the names diffusers' pipelines use.
-    def load_lora_weights(self, path_or_repo, adapter_name: str | None = None, scale: float = 1.0,
-                          weight_name: str | None = None) -> str:
-        """Add a LoRA (a safetensors file, a folder holding one, or a hub repo); returns the adapter's name."""
-        return lora.load_lora(self.transformer, path_or_repo, adapter_name, scale, weight_name)
-
-    def set_lora_scale(self, adapter_name: str, scale: float) -> None:
-        lora.set_lora_scale(self.transformer, adapter_name, scale)
-
-    def unload_lora_weights(self, adapter_name: str | None = None) -> None:
-        """Remove one adapter, or all (the transformer is then exactly as loaded)."""
-        lora.unload_lora(self.transformer, adapter_name)
+        return self.transformer.device
 
     def generate(self, prompt, opts: SamplingOptions = SamplingOptions(), negative_prompt: str | None = None,
                  image=None, video=None, resume: GenerationState | str | Path | None = None,
@@ -154,16 +120,12 @@ class HeliosPipeline:
 
     def stream(self, prompt, opts: SamplingOptions = SamplingOptions(), negative_prompt: str | None = None,
                image=None, video=None, resume: GenerationState | str | Path | None = None,
-               on_step: Callable[[StepInfo], bool | None] | None = None,
-               steering: Steering | None = None) -> Iterator[Chunk]:
+               on_step: Callable[[StepInfo], bool | None] | None = None) -> Iterator[Chunk]:
         """Yield each chunk as soon as it is decoded. Stop iterating to cancel between chunks; return True from
         on_step to cancel between denoising steps (the stream then ends without a partial chunk).
 
-        steering: prompt changes while the stream runs (`steering.set(prompt, transition_chunks)`), applied when the
-        next chunk starts (steering.py).
-
         Inputs are checked here, when stream() is called, not when the first chunk is asked for."""
-        run = self._prepare(prompt, opts, negative_prompt, image, video, resume, steering)
+        run = self._prepare(prompt, opts, negative_prompt, image, video, resume)
         return self._chunks(run, on_step)
 
     def plan(self, prompt, opts: SamplingOptions = SamplingOptions(), **length) -> GenerationPlan:
@@ -180,7 +142,7 @@ class HeliosPipeline:
 
     # -- preparation: everything is checked before the first model call ----------------------------------------
 
-    def _prepare(self, prompt, opts, negative_prompt, image, video, resume, steering=None) -> _Run:
+    def _prepare(self, prompt, opts, negative_prompt, image, video, resume) -> _Run:
         if isinstance(prompt, GenerationPlan) and opts != SamplingOptions():
             raise ValueError("opts: a plan carries its own options; pass them to plan(), not with the plan")
         plan = prompt if isinstance(prompt, GenerationPlan) else self.plan(prompt, opts)
@@ -215,18 +177,11 @@ class HeliosPipeline:
             history, first = resume.history.copy(self.device), resume.next_chunk
         else:
             history, first = self._initial_history(opts, pixels, mode, generator), 0
-        track = PromptTrack(plan, texts, lambda text: self._encode_texts([text], opts))
-        if resume is not None:
-            track.replay(list(resume.prompts))
-        if steering is not None:
-            steering.bind(track.encode)
-        return _Run(plan, track, steering, negative, history, generator, seed, first, digest)
+        return _Run(plan, texts, negative, history, generator, seed, first, digest)
 
     @torch.inference_mode()
     def _encode_texts(self, prompts: list[str], opts: SamplingOptions) -> torch.Tensor:
-        with self.placement.on_device("text_encoder"):
-            texts = self.text_encoder.encode(prompts, opts.max_sequence_length)
-        return texts.to(self.device, self.transformer.dtype)
+        return self.text_encoder.encode(prompts, opts.max_sequence_length).to(self.device, self.transformer.dtype)
 
     @torch.inference_mode()
     def _initial_history(self, opts: SamplingOptions, pixels, mode: str, generator: torch.Generator) -> History:
@@ -234,12 +189,10 @@ class HeliosPipeline:
         history = History.empty(1, self.transformer.config.in_channels, h, w, opts.history_sizes,
                                 opts.keep_first_frame, device=self.device)
         if mode == "i2v":
-            with self.placement.on_device("vae"):
-                history.anchor, fake = self._image_latents(pixels, opts, generator)
+            history.anchor, fake = self._image_latents(pixels, opts, generator)
             history.append(fake)  # the memory's last frame: as if a still clip of the image had been generated
         elif mode == "v2v":
-            with self.placement.on_device("vae"):
-                history.anchor, latents = self._video_latents(pixels, opts, generator)
+            history.anchor, latents = self._video_latents(pixels, opts, generator)
             history.append(latents)
         return history
 
@@ -273,7 +226,7 @@ class HeliosPipeline:
     def _chunk(self, run: _Run, k: int, on_step) -> Chunk:
         plan, history, model = run.plan, run.history, self.transformer
         opts, start = plan.opts, time.perf_counter()
-        text = run.track.text(k, run.steering.take() if run.steering is not None else None)
+        text = _blended_text(run.texts, *plan.blend(k))
         noise = torch.randn(1, model.config.in_channels, opts.num_latent_frames_per_chunk, *plan.latent_size,
                             generator=run.generator).to(self.device)
         schedules = plan.stage_schedules(k)
@@ -282,21 +235,18 @@ class HeliosPipeline:
         def transformer(x, t, context):
             return model(x, t, context, **memory, return_dict=False)[0]
 
-        velocity = guided_velocity(transformer, text, run.negative, self.variant, opts, self.guidance_pair)
+        velocity = guided_velocity(transformer, text, run.negative, self.variant, opts)
         total, done = sum(len(s) for s in schedules), iter(range(1, 1 + sum(len(s) for s in schedules)))
         step_hook = None if on_step is None else (lambda: bool(on_step(StepInfo(k, plan.num_chunks, next(done), total))))
-        with self.placement.on_device("transformer"):
-            latents = denoise_chunk(velocity, noise, schedules, self.variant, run.generator, model.dtype, step_hook)
+        latents = denoise_chunk(velocity, noise, schedules, self.variant, run.generator, model.dtype, step_hook)
         latents = latents.float()
 
         history.add_chunk(latents, k, opts.is_skip_first_chunk)
         denoised = time.perf_counter()
-        with self.placement.on_device("vae"):
-            frames = self.vae.postprocess(self.vae.decode(latents))[: plan.frames_in_chunk(k)]
-        records = tuple(run.track.records)
-        state = GenerationState(history.copy(), run.generator.get_state(), k + 1, run.seed, run.fingerprint, records)
+        frames = self.vae.postprocess(self.vae.decode(latents))[: plan.frames_in_chunk(k)]
+        state = GenerationState(history.copy(), run.generator.get_state(), k + 1, run.seed, run.fingerprint)
         timings = {"denoise_s": denoised - start, "decode_s": time.perf_counter() - denoised}
-        return Chunk(k, frames, latents, plan.num_chunks, timings, state, records[-1])
+        return Chunk(k, frames, latents, plan.num_chunks, timings, state)
 
 
 DEVICE_TYPES = ("cpu", "cuda")  # where the pipeline runs and is tested

@@ -12,7 +12,6 @@ Differences from Wan 2.1 (same weight names otherwise):
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +24,8 @@ from .layers import (
     ConditionEmbedder,
     Linear,
     OutputNorm,
+    TokenLayout,
     TransformerBlock,
-    WholeSequence,
     grid_to_tokens,
     pad_replicate,
     rope_table,
@@ -91,29 +90,16 @@ class HeliosTransformer3DModel(nn.Module):
         self.blocks = nn.ModuleList([TransformerBlock(cfg, dim) for _ in range(cfg.num_layers)])
         self.norm_out = OutputNorm(dim, cfg.eps)
         self.proj_out = Linear(dim, cfg.output_channels * math.prod(patch))
-        # Where a forward's tokens live: all on this device; parallel.py swaps in one process's share.
-        self.placement = WholeSequence()
 
     # The familiar entry points. Checkpoint IO lives in weights.py, which never imports this module: it is handed
     # the class to build, so there is no import cycle, and this file holds the model's math only.
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, subfolder: str | None = None, torch_dtype=None, device="cpu",
-                        quantize: str | None = None, offload: str | None = None):
-        """Load a folder (config.json + safetensors), a model folder's `subfolder`, or a hub repo id.
-
-        quantize: None, "int8" or "fp8": weight-only, the blocks' Linear layers, block by block while loading
-        (quantize.py). offload="blocks": only the small modules are loaded; each block's weights are read from the
-        memory-mapped checkpoint when the block runs (stream_blocks.py)."""
+    def from_pretrained(cls, path_or_repo_id, subfolder: str | None = None, torch_dtype=None, device="cpu"):
+        """Load a folder (config.json + safetensors), a model folder's `subfolder`, or a hub repo id."""
         from . import weights
 
-        prepare_block = None
-        if quantize is not None:
-            from .quantize import check_scheme, quantize_block
-
-            check_scheme(quantize, device)  # a bad name or an fp8-less device fails before any file is read
-            prepare_block = functools.partial(quantize_block, scheme=quantize)
         return weights.load_transformer(cls, path_or_repo_id, subfolder=subfolder, torch_dtype=torch_dtype,
-                                        device=device, prepare_block=prepare_block, offload=offload)
+                                        device=device)
 
     def save_pretrained(self, directory, max_shard_size: int | str = "10GB") -> None:
         from . import weights
@@ -170,9 +156,11 @@ class HeliosTransformer3DModel(nn.Module):
             h1, w1 = latents.shape[-2] // ph, latents.shape[-1] // pw  # the memory's grid at patch resolution
             tokens.insert(0, grid_to_tokens(embedded))
             rope_terms.insert(0, (self._index_rows(indices, batch), h1, w1, factor))
+        h = torch.cat(tokens, dim=1).contiguous()  # [B, L, D]
         cfg = self.config
-        rope = rope_table(tuple(rope_terms), cfg.rope_dim, cfg.rope_theta, str(current.device))  # [B, L, 1, hd/2]
-        h, rope, layout = self.placement.split(tokens, rope, cfg.zero_history_timestep)  # h [B, L, D]
+        rope = rope_table(tuple(rope_terms), cfg.rope_dim, cfg.rope_theta, str(h.device))  # [B, L, 1, head_dim/2]
+        n_cur = frames * height * width
+        layout = TokenLayout(h.shape[1] - n_cur, n_cur, split_timestep=cfg.zero_history_timestep)
 
         text = self.condition_embedder.text_embedder(encoder_hidden_states.to(dtype))
         temb, proj = self.condition_embedder.embed_time(timestep, dtype)
@@ -184,7 +172,7 @@ class HeliosTransformer3DModel(nn.Module):
         for i, block in enumerate(self.blocks):
             h = block(h, text, layout, projs, rope, last=i == len(self.blocks) - 1)  # last: current tokens only
 
-        out = self.placement.gather(self.proj_out(self.norm_out(h, temb)))  # [B, T'*H'*W', pt*ph*pw*C]
+        out = self.proj_out(self.norm_out(h, temb))  # [B, n_cur, pt*ph*pw*C]
         out = out.reshape(batch, frames, height, width, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         out = out.reshape(batch, out.shape[1], frames * pt, height * ph, width * pw)
         return TransformerOutput(sample=out) if return_dict else (out,)
@@ -198,8 +186,7 @@ class HeliosTransformer3DModel(nn.Module):
 
 
 def check_attention_kwargs(attention_kwargs) -> None:
-    # The reference only reads a LoRA "scale" from attention_kwargs. It is accepted for call compatibility and not
-    # applied: LoRA scales are set per adapter, outside the model (lora.set_lora_scale).
+    # The reference only reads a LoRA "scale" from attention_kwargs; we have no adapters, so it has no effect.
     unknown = set(attention_kwargs or {}) - {"scale"}
     if unknown:
         raise ValueError(f"attention_kwargs: unsupported keys {sorted(unknown)} (only 'scale' is accepted)")

@@ -1,7 +1,7 @@
 """Resumable generation: everything needed to continue a video after a chunk, saved to one file.
 
 The state holds the memory (history latents + anchor), the RNG state of the single generator every random draw
-comes from, the index of the next chunk, the prompt each chunk used (steering changes included), and a fingerprint of the settings, so that resuming with other settings
+comes from, the index of the next chunk, and a fingerprint of the settings, so that resuming with other settings
 is refused instead of silently producing a different video.
 """
 
@@ -28,14 +28,12 @@ class GenerationState:
     next_chunk: int
     seed: int
     fingerprint: str
-    prompts: tuple[dict, ...] = ()  # per chunk made: the prompt it moved to, its weight, its steering change
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temp file + rename): an interrupted save leaves the previous state intact."""
         path = Path(path)
         payload = {"format": FORMAT_VERSION, "history": self.history.state_dict(), "rng_state": self.rng_state,
-                   "next_chunk": self.next_chunk, "seed": self.seed, "fingerprint": self.fingerprint,
-                   "prompts": list(self.prompts)}
+                   "next_chunk": self.next_chunk, "seed": self.seed, "fingerprint": self.fingerprint}
         fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -56,8 +54,7 @@ class GenerationState:
         if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path}: not a helios generation state (format {FORMAT_VERSION})")
         return cls(History.from_state_dict(payload["history"], device), payload["rng_state"],
-                   int(payload["next_chunk"]), int(payload["seed"]), str(payload["fingerprint"]),
-                   tuple(payload.get("prompts", ())))
+                   int(payload["next_chunk"]), int(payload["seed"]), str(payload["fingerprint"]))
 
 
 def fingerprint(**settings) -> str:

@@ -1,12 +1,5 @@
-"""`python -m helios.bench`: see helios/bench/reference.py, and helios/bench/memory.py for `memory`."""
+"""`python -m helios.bench`: see helios/bench/reference.py."""
 
-import sys
+from .reference import main
 
-if sys.argv[1:2] == ["memory"]:
-    from .memory import main
-
-    main(sys.argv[2:])
-else:
-    from .reference import main
-
-    main()
+main()

@@ -3,9 +3,6 @@
     python -m helios.bench transformer [--height 192 --width 320 --layers 4 ...]
     python -m helios.bench pipeline [--variant base]
     python -m helios.bench load [--layers 6]
-    python -m helios.bench quantize   (int8 / fp8 against bf16: ours only, see bench/quantize.py)
-    python -m helios.bench memory [--cases ...]     (offload="blocks" vs resident host memory: see memory.py)
-    python -m helios.bench parallel [--processes 1 2 4]   (helios/bench/parallel.py: no reference involved)
 
 The reference is the oracle of the test suite (`pip install -e ".[test]"`); this module is the only one of the
 package that imports it, for comparison. Runs alternate A B A B and report medians and the ratio ours / reference.
@@ -31,7 +28,6 @@ from ..config import HeliosConfig
 from ..history import History
 from ..model import HeliosTransformer3DModel
 from ..weights import param_dtype
-from . import quantize as bench_quantize
 
 
 def reference_module():
@@ -382,30 +378,20 @@ def parser() -> argparse.ArgumentParser:
     lo.add_argument("--ffn", type=int, default=8192)
     lo.add_argument("--shard-size", default="300MB")
     lo.add_argument("--runs", type=int, default=3)
-    sub.add_parser("parallel", add_help=False, help="sequence parallelism on 1, 2, 4 processes: time per step, "
-                   "bytes moved (python -m helios.bench parallel --help)")
     ld = sub.add_parser("_load", add_help=False)
     ld.add_argument("impl")
     ld.add_argument("folder")
-    bench_quantize.add_parser(sub)
     return p
 
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["parallel"]:  # not a comparison with the reference: its own module and options
-        from .parallel import main as parallel_main
-
-        return parallel_main(argv[1:])
     args = parser().parse_args(argv)
     args.argv = argv
     if getattr(args, "peak_of", None):
         return forward_peak(args)
     if args.command == "_load":
         return load_once(args.impl, args.folder)
-    if args.command in ("quantize", "_qload"):
-        result = bench_quantize.run(args)
-        return print(json.dumps(result, indent=None if args.command == "_qload" else 2))
     result = {"transformer": bench_transformer, "pipeline": bench_pipeline, "load": bench_load}[args.command](args)
     print(json.dumps(result, indent=2))
     summary = result.get("ratio", result.get("load_ratio"))

@@ -9,7 +9,6 @@ heavy (paths, the model name, sizes), then writes the pipeline's chunks to a vid
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import warnings
@@ -38,15 +37,7 @@ examples:
   # ... interrupted? The same command with --resume continues it (story.partial.mp4 holds what is done)
   helios generate --model {PUBLISHED[2]} --prompt-schedule story.tsv --resume story.state --output story.mp4
 
-  # a GPU with 24 GB or less: stream the transformer's blocks (README: Low memory)
-  helios generate --model {PUBLISHED[2]} --prompt "..." --offload blocks --output fox.mp4
-  # one video on 8 GPUs: each process holds 1/8 of the tokens; --cfg-parallel (Base, Mid) splits guidance's passes
-  torchrun --nproc-per-node 8 -m helios generate --model {PUBLISHED[0]} --prompt "..." --cfg-parallel --output fox.mp4
-
   helios info {PUBLISHED[2]}
-
-  # serve an OpenAI-style video API, a live steerable stream and a web page on http://127.0.0.1:8000/
-  helios serve --model helios-tiny
 
 built-in models: {", ".join(BUILTIN_MODELS)} (tiny random weights; no download)
 """
@@ -72,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = " ".join(str(err).split()) or type(err).__name__
-        rank = os.environ.get("RANK", "0")  # under torchrun every process reports its own failure
-        print(f"helios{'' if rank == '0' else f' (rank {rank})'}: error: {message}", file=sys.stderr)
+        print(f"helios: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT if isinstance(err, BAD_INPUT) else EXIT_FAILURE
     finally:
         if previous is not None:
@@ -99,39 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--quick", action="store_true",
                       help="read no weights: check configs, file completeness and the transformer's names/shapes")
     info.set_defaults(run=_run_info)
-    serve = commands.add_parser("serve", parents=[common], help="serve a video API, a live stream and a web page",
-                                description="Serve the model over HTTP: OpenAI's /v1/videos API, a steerable live "
-                                "stream (WebSocket /v1/realtime/video, vLLM-Omni's protocol), and a web page at /. "
-                                "Jobs run one at a time, first come first served; they survive a restart with the "
-                                "same --data-dir.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _serve_arguments(serve)
-    serve.set_defaults(run=_run_serve)
     return parser
-
-
-def _serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="M",
-                   help=f"a model folder, a Hugging Face repo id, or a built-in model ({', '.join(BUILTIN_MODELS)})")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs an API "
-                   "key or --insecure)")
-    p.add_argument("--port", type=int, default=8000, help="(default 8000)")
-    p.add_argument("--api-key", metavar="K", help="require 'Authorization: Bearer K' on every route but /health "
-                   "(default: $HELIOS_API_KEY)")
-    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
-    p.add_argument("--data-dir", type=Path, metavar="DIR", help="where jobs and videos are kept; a restart with the "
-                   "same folder lists them and resumes unfinished ones (default: a helios-serve folder in the "
-                   "temporary directory)")
-    p.add_argument("--max-queue", type=_positive_int, default=16, metavar="N",
-                   help="jobs that may wait; more get HTTP 429 (default 16)")
-    p.add_argument("--max-seconds", type=_positive_fps, default=120, metavar="S",
-                   help="longest video a request may ask for, in seconds (default 120)")
-    p.add_argument("--max-upload-mb", type=_positive_int, default=50, metavar="N",
-                   help="largest input_reference upload (default 50)")
-    p.add_argument("--session-timeout", type=_positive_fps, default=60, metavar="S",
-                   help="close a live session with no generation progress and no ping for S seconds (default 60)")
-    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
-                   help="transformer and text encoder dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -175,7 +133,6 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--lossless", action="store_true",
                    help="exact 8-bit RGB frames (libx264rgb); plays in ffmpeg, mpv, VLC, not in browsers")
     _sampler_arguments(p)
-    _memory_arguments(p)
 
 
 def _sampler_arguments(p: argparse.ArgumentParser) -> None:
@@ -199,12 +156,6 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     s.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks, for GPUs (the first "
                    "chunk at each resolution waits for the compiler; on a CPU it gains nothing)")
-    s.add_argument("--quantize", choices=("int8", "fp8"), help="weight-only quantization of the transformer's blocks "
-                   "while loading, about half the bytes of bf16 (needs torchao: pip install \"helios[quantize]\")")
-    s.add_argument("--lora", action="append", type=_lora_spec, default=[], metavar="PATH[:SCALE]",
-                   help="a LoRA adapter: a safetensors file, a folder holding pytorch_lora_weights.safetensors, or a "
-                   "Hugging Face repo id; SCALE defaults to 1. Repeat for several adapters")
-    _parallel_arguments(p)
     r = p.add_argument_group("long runs and output")
     r.add_argument("--state", type=Path, metavar="PATH", help="save the generation state here after every chunk")
     r.add_argument("--resume", type=Path, metavar="PATH", help="continue an interrupted run from its --state file: "
@@ -212,27 +163,6 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
     out = r.add_mutually_exclusive_group()
     out.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     out.add_argument("--json", action="store_true", help="one JSON object per chunk on stdout, then a summary")
-
-
-def _memory_arguments(p: argparse.ArgumentParser) -> None:
-    m = p.add_argument_group("low memory (README: Low memory)")
-    m.add_argument("--offload", choices=("model", "blocks"),
-                   help="model: keep the text encoder, transformer and VAE in RAM, each on the GPU only while it runs "
-                   "(the GPU holds the largest one, 28.6 GB at 14B); blocks: also stream the transformer's blocks "
-                   "from the checkpoint file through two GPU buffers (a few GB of GPU memory, little RAM; bound by "
-                   "PCIe). Default: everything stays on the device")
-    m.add_argument("--text-encoder-device", metavar="DEVICE",
-                   help="run the text encoder here for good, e.g. cpu (then it needs no GPU memory; it runs once per "
-                   "prompt). Default: --device")
-
-
-def _parallel_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("several GPUs (under torchrun --nproc-per-node N; see the README)")
-    g.add_argument("--cfg-parallel", action="store_true",
-                   help="run the two passes of classifier-free guidance (Base, Mid) on two halves of the processes, "
-                   "each half splitting the tokens among its own (needs an even number of processes)")
-    g.add_argument("--dist-timeout", type=_positive_int, default=600, metavar="S",
-                   help="seconds a process waits for the others before it gives up with an error (default 600)")
 
 
 def _positive_int(text: str) -> int:
@@ -243,18 +173,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
-
-
-def _lora_spec(text: str) -> tuple[str, float]:
-    """PATH[:SCALE] -> (PATH, SCALE); a colon not followed by a number belongs to the path."""
-    path, _, scale = text.rpartition(":")
-    try:
-        value = float(scale)
-    except ValueError:
-        return text, 1.0
-    if not path or value != value or abs(value) == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be PATH or PATH:SCALE with a finite SCALE, got {text!r}")
-    return path, value
 
 
 def _positive_fps(text: str):
@@ -273,12 +191,6 @@ def _run_generate(args) -> int:
     from .generate import generate
 
     return generate(args)
-
-
-def _run_serve(args) -> int:
-    from .serve import serve
-
-    return serve(args)
 
 
 def _run_info(args) -> int:

@@ -23,11 +23,8 @@ def quiet_libraries(debug: bool) -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    for name in ("transformers", "diffusers", "huggingface_hub", "torchao", "torch.utils._pytree"):
+    for name in ("transformers", "diffusers", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    # diffusers sets its level from DIFFUSERS_VERBOSITY when it is first imported, over the line above; once torchao
-    # (the quantize extra) is installed, that import logs warnings of torchao's and of its own about it.
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
 def check_writable(path: Path, what: str) -> None:

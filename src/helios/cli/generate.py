@@ -8,11 +8,9 @@ is created; only then is a file written. After a failure or Ctrl-C the partial f
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
-from ..folder import REPO_ID, check_model_name, noise_notice, open_model
-from ..launch import check_launch, process_device, process_group, rank, world_size
+from ..folder import check_model_name, noise_notice, open_model
 from ..video_io import SUFFIXES, VideoSettings, VideoWriter, partial_path, to_uint8
 from .checks import check_flags, device_and_dtype
 from .common import EXIT_INTERRUPTED, GenerationFailed, check_writable, quiet_libraries
@@ -31,8 +29,6 @@ def generate(args) -> int:
     state = GenerationState.load(args.resume) if args.resume else None
     media = {} if state else _media(args)  # a resumed run finds the conditioning in its saved memory
     quiet_libraries(args.debug)
-    if rank() != 0:  # under torchrun, rank 0 speaks for all
-        warnings.simplefilter("ignore")
     from ..generate import HeliosPipeline  # the heavy imports (transformers, diffusers) after the cheap checks
     from ..plan import make_plan
 
@@ -40,46 +36,26 @@ def generate(args) -> int:
     with open_model(args.model) as model:
         # The plan checks the options against the model's config files before any weights are read.
         plan = make_plan(prompt, _options(args), model.variant, model.defaults, patch_size=model.patch_size)
-        check_launch(world_size(), _heads(model), args.cfg_parallel, plan.opts.guidance_scale)
-        device = process_device(device)  # under torchrun: this process's GPU
-        with process_group(device, args.dist_timeout) as several:  # under torchrun: one video, all processes
-            pipe = _load(HeliosPipeline, model, args, device, dtype, several)
-            if rank() != 0:
-                return _follow(pipe, args, plan, media, state)
-            notice = noise_notice(args.model) if model.builtin and not args.quiet else None
-            return _generate_to_file(pipe, args, plan, media, state, notice)
+        pipe = HeliosPipeline.from_pretrained(model, torch_dtype=dtype, device=device)
+        if args.compile:
+            from ..speed import compile_blocks
 
-
-def _load(pipeline_class, model, args, device, dtype, several: bool):
-    pipe = pipeline_class.from_pretrained(model, torch_dtype=dtype, device=device, quantize=args.quantize,
-                                          offload=args.offload, text_encoder_device=_text_encoder_device(args))
-    for path, scale in args.lora:
-        pipe.load_lora_weights(path, scale=scale)
-    if several:
-        from ..parallel import parallelize_pipeline
-
-        parallelize_pipeline(pipe, cfg_parallel=args.cfg_parallel)
-    if args.compile:
-        from ..speed import compile_blocks
-
-        compile_blocks(pipe.transformer)
-    return pipe
+            compile_blocks(pipe.transformer)
+        notice = noise_notice(args.model) if model.builtin and not args.quiet else None
+        return _generate_to_file(pipe, args, plan, media, state, notice)
 
 
 def _check_paths(args) -> None:
     if args.output.suffix.lower() not in SUFFIXES:
         raise ValueError(f"--output {args.output}: videos are written as MP4, give a name ending in .mp4")
-    writes = [("output", args.output), ("state", args.state), ("resume", args.resume)]  # --resume: saved there too
-    for flag, path in writes if rank() == 0 else []:  # under torchrun only rank 0 writes (on its own machine)
-        if path is not None:
-            check_writable(path, f"--{flag}")
+    check_writable(args.output, "--output")
+    for flag in ("state", "resume"):  # a resumed run keeps saving its state to the --resume file
+        if getattr(args, flag) is not None:
+            check_writable(getattr(args, flag), f"--{flag}")
     for flag in ("resume", "image", "video", "prompt_schedule"):
         path = getattr(args, flag)
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file")
-    for path, _ in args.lora:
-        if not Path(path).expanduser().exists() and not REPO_ID.match(path):
-            raise FileNotFoundError(f"--lora {path}: no such file or folder (nor a Hugging Face repo id)")
     if args.schedule_id is not None and args.prompt_schedule is None:
         raise ValueError("--schedule-id picks a video from a --prompt-schedule CSV; there is none")
     if args.prompt is not None and not args.prompt.strip():
@@ -111,26 +87,15 @@ def _media(args) -> dict:
     return {}
 
 
-def _text_encoder_device(args):
-    import torch
-
-    if args.text_encoder_device is None:
-        return None
-    try:
-        device = torch.device(args.text_encoder_device)
-    except RuntimeError as err:
-        raise ValueError(f"--text-encoder-device {args.text_encoder_device}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--text-encoder-device {args.text_encoder_device}: CUDA is not available on this machine")
-    return device
-
-
 def _generate_to_file(pipe, args, plan, media: dict, state, notice: str | None) -> int:
+    from ..options import DEFAULT_NEGATIVE_PROMPT
+
     num_chunks, total, opts = plan.num_chunks, plan.num_frames, plan.opts
     first = state.next_chunk if state is not None else 0
     done = plan.frames_before(first)
     progress = Progress("quiet" if args.quiet else "json" if args.json else "bar", num_chunks, total, first, done)
-    stream = _stream(pipe, args, plan, media, state, progress.step)
+    negative = DEFAULT_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
+    stream = pipe.stream(plan, negative_prompt=negative, resume=state, on_step=progress.step, **media)
     if first >= num_chunks and args.output.is_file() and not partial_path(args.output).exists():
         print(f"helios: nothing to resume: {args.resume} is the state after the last chunk of {args.output}",
               file=sys.stderr)
@@ -157,26 +122,6 @@ def _generate_to_file(pipe, args, plan, media: dict, state, notice: str | None) 
         "state": None if state_path is None else str(state_path),
     })
     return 0
-
-
-def _stream(pipe, args, plan, media: dict, state, on_step):
-    from ..options import DEFAULT_NEGATIVE_PROMPT
-
-    negative = DEFAULT_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
-    return pipe.stream(plan, negative_prompt=negative, resume=state, on_step=on_step, **media)
-
-
-def _follow(pipe, args, plan, media: dict, state) -> int:
-    """Ranks other than 0 under torchrun: take part in every step, write and print nothing (rank 0 does)."""
-    for _ in _stream(pipe, args, plan, media, state, None):
-        pass
-    return 0
-
-
-def _heads(model) -> int:
-    from ..folder import read_json
-
-    return int(read_json(model.component("transformer") / "config.json").get("num_attention_heads", 40))
 
 
 def _open_writer(args, opts, resume_after: int | None, done: int) -> VideoWriter:
