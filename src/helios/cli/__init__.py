@@ -105,7 +105,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                          "works) or header-less rows 'n_chunks,prompt'. A new prompt is blended in over "
                          "--interpolation-steps chunks")
     g.add_argument("--schedule-id", metavar="ID", help="the video to take from a CSV holding several (its 'id')")
-    g.add_argument("--chunks-per-prompt", type=_positive_int, default=7, metavar="N",
+    g.add_argument("--chunks-per-prompt", type=checks.positive_int, default=7, metavar="N",
                    help="chunks per prompt for a CSV without a chunk count column (default: 7, as the official script)")
     g.add_argument("--negative-prompt", metavar="TEXT", help="(default: the official negative prompt; used with "
                    "guidance > 1 only)")
@@ -118,9 +118,9 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="frames to generate, rounded up to whole 33-frame chunks, then trimmed to 4n+1 (default: "
                    "the model's; 240 for Distilled, 99 for Base and Mid; the schedule's length with "
                    "--prompt-schedule; at most a day of video, 2073600)")
-    v.add_argument("--height", type=_positive_int, metavar="H", help="(default 384; a multiple of 64 for Mid and "
+    v.add_argument("--height", type=checks.positive_int, metavar="H", help="(default 384; a multiple of 64 for Mid and "
                    "Distilled, of 16 for Base; built-in models default to 192x320)")
-    v.add_argument("--width", type=_positive_int, metavar="W", help="(default 640)")
+    v.add_argument("--width", type=checks.positive_int, metavar="W", help="(default 640)")
     v.add_argument("--fps", type=_positive_fps, default=24, metavar="F", help="frame rate of the file (default 24)")
     v.add_argument("--output", "-o", type=Path, default=Path("output.mp4"), metavar="PATH",
                    help="the .mp4 to write (default output.mp4); it grows beside it as NAME.partial.mp4, which "
@@ -137,8 +137,8 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
 
 def _sampler_arguments(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("sampler (defaults: the official scripts' settings for the model's variant)")
-    s.add_argument("--steps", type=_positive_int, metavar="N", help="denoising steps, Base (default 50)")
-    s.add_argument("--pyramid-steps", type=_positive_int, nargs="+", metavar="N",
+    s.add_argument("--steps", type=checks.positive_int, metavar="N", help="denoising steps, Base (default 50)")
+    s.add_argument("--pyramid-steps", type=checks.positive_int, nargs="+", metavar="N",
                    help="steps per pyramid stage, Mid and Distilled (default 20 20 20 for Mid, 2 2 2 for Distilled)")
     s.add_argument("--guidance", type=checks.guidance, metavar="G", help="classifier-free guidance scale (default 5.0 for "
                    "Base and Mid, 1.0 = none for Distilled)")
@@ -146,7 +146,7 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
                    help="twice the steps for chunk 0 (default: on for Distilled)")
     s.add_argument("--skip-first-chunk", action="store_true",
                    help="anchor on chunk 1 instead of chunk 0 (if the first chunk of I2V/V2V comes out static)")
-    s.add_argument("--interpolation-steps", type=_positive_int, metavar="N",
+    s.add_argument("--interpolation-steps", type=checks.positive_int, metavar="N",
                    help="chunks over which a scheduled prompt change is blended (default 3; 1 = switch at once)")
     s.add_argument("--seed", type=checks.seed, metavar="S", help="(default: random, printed at the end; an integer "
                    "in [-2**63, 2**64))")
@@ -163,16 +163,6 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
     out = r.add_mutually_exclusive_group()
     out.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     out.add_argument("--json", action="store_true", help="one JSON object per chunk on stdout, then a summary")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def _positive_fps(text: str):

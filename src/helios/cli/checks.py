@@ -14,14 +14,19 @@ import threading
 
 from ..options import MAX_FRAMES, SEED_RANGE
 
-def frame_count(text: str) -> int:
-    """--num-frames: a positive integer, at most a day of video (options.MAX_FRAMES)."""
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def frame_count(text: str) -> int:
+    """--num-frames: a positive integer, at most a day of video (options.MAX_FRAMES)."""
+    value = positive_int(text)
     if value > MAX_FRAMES:
         raise argparse.ArgumentTypeError(f"must be at most {MAX_FRAMES} (a day of video at 24 fps), got {text!r}")
     return value
