@@ -21,6 +21,7 @@ from .folder import ModelFolder, open_model_folder
 from .history import History
 from .media import load_image, load_video
 from .model import HeliosTransformer3DModel
+from .offload import Resident, plan_loading
 from .options import VARIANT_DEFAULTS, SamplingOptions, Variant
 from .plan import GenerationPlan, make_plan
 from .state import GenerationState, fingerprint
@@ -74,36 +75,48 @@ class HeliosPipeline:
         self.defaults = dict(VARIANT_DEFAULTS[variant.name] if defaults is None else defaults)  # for unset options
         self.folder = folder  # where the components were loaded from, if anywhere
         self._holder = None  # keeps a built-in model's temporary folder alive as long as the pipeline
+        self.placement = Resident(transformer)  # which component is on the device when (offload.py)
 
     @classmethod
-    def from_pretrained(cls, model, torch_dtype=None, device=None, vae_dtype=torch.float32) -> HeliosPipeline:
+    def from_pretrained(cls, model, torch_dtype=None, device=None, vae_dtype=torch.float32, offload=None,
+                        text_encoder_device=None) -> HeliosPipeline:
         """Load a model: a folder laid out like the published repos, a hub repo id, a built-in name
         ("helios-tiny", "helios-tiny-mid", "helios-tiny-base": tiny random weights), or a folder.ModelFolder.
 
         torch_dtype (transformer and text encoder): default bfloat16 on CUDA, float32 on a CPU (where bf16 matmuls
         are slow or missing). The VAE runs in vae_dtype, float32 as in every official script.
+
+        offload (README "Low memory"): None keeps every component on `device`; "model" keeps them in host memory,
+        each on `device` only while it runs; "blocks" also streams the transformer's blocks from the memory-mapped
+        checkpoint. text_encoder_device (e.g. "cpu") runs the text encoder there for good.
         """
         device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if text_encoder_device is not None:
+            text_encoder_device = check_device(text_encoder_device, name="text_encoder_device")
+        where = plan_loading(offload, device, text_encoder_device)  # checked before anything is read
         torch_dtype = default_dtype(device) if torch_dtype is None else torch_dtype
         holder, folder = open_model_folder(model)
         try:
             folder.check_weight_files()  # a truncated VAE file is found before minutes of loading the transformer
-            transformer = HeliosTransformer3DModel.from_pretrained(folder.component("transformer"),
-                                                                   torch_dtype=torch_dtype, device=device)
-            vae = VideoVAE.from_pretrained(folder.component("vae"), dtype=vae_dtype, device=device)
+            transformer = HeliosTransformer3DModel.from_pretrained(
+                folder.component("transformer"), torch_dtype=torch_dtype, device=where.transformer,
+                offload=where.transformer_offload)
+            vae = VideoVAE.from_pretrained(folder.component("vae"), dtype=vae_dtype, device=where.vae)
             text_encoder = TextEncoder.from_pretrained(folder.component("text_encoder"), folder.component("tokenizer"),
-                                                       dtype=torch_dtype, device=device)
+                                                       dtype=torch_dtype, device=where.text_encoder)
         except BaseException:
             if holder is not None:
                 holder.cleanup()
             raise
         pipe = cls(transformer, vae, text_encoder, folder.variant, folder.defaults, folder)
         pipe._holder = holder
+        pipe.placement = where.placement(pipe)
         return pipe
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        """Where the work runs (with offload, components visit it in turn)."""
+        return self.placement.device
 
     def generate(self, prompt, opts: SamplingOptions = SamplingOptions(), negative_prompt: str | None = None,
                  image=None, video=None, resume: GenerationState | str | Path | None = None,
@@ -181,7 +194,9 @@ class HeliosPipeline:
 
     @torch.inference_mode()
     def _encode_texts(self, prompts: list[str], opts: SamplingOptions) -> torch.Tensor:
-        return self.text_encoder.encode(prompts, opts.max_sequence_length).to(self.device, self.transformer.dtype)
+        with self.placement.on_device("text_encoder"):
+            texts = self.text_encoder.encode(prompts, opts.max_sequence_length)
+        return texts.to(self.device, self.transformer.dtype)
 
     @torch.inference_mode()
     def _initial_history(self, opts: SamplingOptions, pixels, mode: str, generator: torch.Generator) -> History:
@@ -189,10 +204,12 @@ class HeliosPipeline:
         history = History.empty(1, self.transformer.config.in_channels, h, w, opts.history_sizes,
                                 opts.keep_first_frame, device=self.device)
         if mode == "i2v":
-            history.anchor, fake = self._image_latents(pixels, opts, generator)
+            with self.placement.on_device("vae"):
+                history.anchor, fake = self._image_latents(pixels, opts, generator)
             history.append(fake)  # the memory's last frame: as if a still clip of the image had been generated
         elif mode == "v2v":
-            history.anchor, latents = self._video_latents(pixels, opts, generator)
+            with self.placement.on_device("vae"):
+                history.anchor, latents = self._video_latents(pixels, opts, generator)
             history.append(latents)
         return history
 
@@ -238,12 +255,14 @@ class HeliosPipeline:
         velocity = guided_velocity(transformer, text, run.negative, self.variant, opts)
         total, done = sum(len(s) for s in schedules), iter(range(1, 1 + sum(len(s) for s in schedules)))
         step_hook = None if on_step is None else (lambda: bool(on_step(StepInfo(k, plan.num_chunks, next(done), total))))
-        latents = denoise_chunk(velocity, noise, schedules, self.variant, run.generator, model.dtype, step_hook)
+        with self.placement.on_device("transformer"):
+            latents = denoise_chunk(velocity, noise, schedules, self.variant, run.generator, model.dtype, step_hook)
         latents = latents.float()
 
         history.add_chunk(latents, k, opts.is_skip_first_chunk)
         denoised = time.perf_counter()
-        frames = self.vae.postprocess(self.vae.decode(latents))[: plan.frames_in_chunk(k)]
+        with self.placement.on_device("vae"):
+            frames = self.vae.postprocess(self.vae.decode(latents))[: plan.frames_in_chunk(k)]
         state = GenerationState(history.copy(), run.generator.get_state(), k + 1, run.seed, run.fingerprint)
         timings = {"denoise_s": denoised - start, "decode_s": time.perf_counter() - denoised}
         return Chunk(k, frames, latents, plan.num_chunks, timings, state)

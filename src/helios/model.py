@@ -94,12 +94,16 @@ class HeliosTransformer3DModel(nn.Module):
     # The familiar entry points. Checkpoint IO lives in weights.py, which never imports this module: it is handed
     # the class to build, so there is no import cycle, and this file holds the model's math only.
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, subfolder: str | None = None, torch_dtype=None, device="cpu"):
-        """Load a folder (config.json + safetensors), a model folder's `subfolder`, or a hub repo id."""
+    def from_pretrained(cls, path_or_repo_id, subfolder: str | None = None, torch_dtype=None, device="cpu",
+                        offload: str | None = None):
+        """Load a folder (config.json + safetensors), a model folder's `subfolder`, or a hub repo id.
+
+        offload="blocks": only the small modules are loaded; each block's weights are read from the memory-mapped
+        checkpoint when the block runs (see stream_blocks.py)."""
         from . import weights
 
         return weights.load_transformer(cls, path_or_repo_id, subfolder=subfolder, torch_dtype=torch_dtype,
-                                        device=device)
+                                        device=device, offload=offload)
 
     def save_pretrained(self, directory, max_shard_size: int | str = "10GB") -> None:
         from . import weights

@@ -72,13 +72,19 @@ class VideoVAE:
         """
         pixels = pixels.to(self.device, self.dtype)
         z = self.vae.encode(pixels).latent_dist.sample(generator=generator)
-        return ((z - self.latents_mean) * self.inv_latents_std).float()
+        mean, inv_std = self._normalisation(z.device)
+        return ((z - mean) * inv_std).float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents [B, 16, T, h, w] -> pixels [B, 3, 4(T-1)+1, 8h, 8w] in [-1, 1], in the VAE dtype."""
-        z = latents.to(self.device, self.dtype) / self.inv_latents_std + self.latents_mean
+        mean, inv_std = self._normalisation(self.device)
+        z = latents.to(self.device, self.dtype) / inv_std + mean
         return self.vae.decode(z, return_dict=False)[0]
+
+    def _normalisation(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Where the VAE runs now: with offload (offload.py) it visits the device only for its encodes and decodes.
+        return self.latents_mean.to(device), self.inv_latents_std.to(device)
 
     def preprocess(self, media, height: int, width: int) -> torch.Tensor:
         """An image, or a list of frames / an [F, H, W, 3] array -> pixels [1, 3, F, height, width] in [-1, 1], fp32.

@@ -70,9 +70,18 @@ def weight_files(directory: Path) -> dict[Path, list[str] | None]:
     raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME} and no {INDEX_NAME}")
 
 
-def load_transformer(model_class, path_or_repo_id, subfolder=None, torch_dtype=None, device="cpu"):
-    """Build `model_class(config)` on the meta device and assign the checkpoint's tensors to it, strictly."""
+def load_transformer(model_class, path_or_repo_id, subfolder=None, torch_dtype=None, device="cpu", offload=None):
+    """Build `model_class(config)` on the meta device and assign the checkpoint's tensors to it, strictly.
+
+    offload="blocks" leaves the blocks in the checkpoint, to be streamed when called (stream_blocks.py)."""
+    from .offload import TRANSFORMER_MODES, check_offload
+
+    check_offload(offload, TRANSFORMER_MODES, "HeliosTransformer3DModel.from_pretrained")
     directory = resolve_directory(path_or_repo_id, subfolder)
+    if offload == "blocks":
+        from .stream_blocks import load_streamed
+
+        return load_streamed(model_class, directory, torch_dtype or torch.float32, device)
     config = read_config(directory)
     with torch.device("meta"):
         model = model_class(config)
@@ -132,9 +141,14 @@ def save_transformer(model, directory: str | os.PathLike, max_shard_size: int | 
     """Write config.json and (sharded) safetensors. Files are staged and moved in, so a failure leaves no mix."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with torch.device("meta"):
+        missing = sorted(set(type(model)(model.config).state_dict()) - set(state))
+    if missing:  # a checkpoint without them would look whole and load nowhere
+        raise ValueError(f"cannot save: the model does not hold {len(missing)} of its tensors ({missing[0]}, ...); "
+                         "a model loaded with offload='blocks' reads its blocks from its checkpoint: copy that instead")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     split = split_torch_state_dict_into_shards(state, filename_pattern=SHARD_PATTERN, max_shard_size=max_shard_size)
     config = {"_class_name": "HeliosTransformer3DModel", "_diffusers_version": "0.42.1", **model.config.to_dict()}
     with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as staging:

@@ -1,5 +1,12 @@
-"""`python -m helios.bench`: see helios/bench/reference.py."""
+"""`python -m helios.bench`: see helios/bench/reference.py, and helios/bench/memory.py for `memory`."""
 
-from .reference import main
+import sys
 
-main()
+if sys.argv[1:2] == ["memory"]:
+    from .memory import main
+
+    main(sys.argv[2:])
+else:
+    from .reference import main
+
+    main()

@@ -3,6 +3,7 @@
     python -m helios.bench transformer [--height 192 --width 320 --layers 4 ...]
     python -m helios.bench pipeline [--variant base]
     python -m helios.bench load [--layers 6]
+    python -m helios.bench memory [--cases ...]     (offload="blocks" vs resident host memory: see memory.py)
 
 The reference is the oracle of the test suite (`pip install -e ".[test]"`); this module is the only one of the
 package that imports it, for comparison. Runs alternate A B A B and report medians and the ratio ours / reference.

@@ -133,6 +133,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--lossless", action="store_true",
                    help="exact 8-bit RGB frames (libx264rgb); plays in ffmpeg, mpv, VLC, not in browsers")
     _sampler_arguments(p)
+    _memory_arguments(p)
 
 
 def _sampler_arguments(p: argparse.ArgumentParser) -> None:
@@ -163,6 +164,18 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
     out = r.add_mutually_exclusive_group()
     out.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     out.add_argument("--json", action="store_true", help="one JSON object per chunk on stdout, then a summary")
+
+
+def _memory_arguments(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("low memory (README: Low memory)")
+    m.add_argument("--offload", choices=("model", "blocks"),
+                   help="model: keep the text encoder, transformer and VAE in RAM, each on the GPU only while it runs "
+                   "(the GPU holds the largest one, 28.6 GB at 14B); blocks: also stream the transformer's blocks "
+                   "from the checkpoint file through two GPU buffers (a few GB of GPU memory, little RAM; bound by "
+                   "PCIe). Default: everything stays on the device")
+    m.add_argument("--text-encoder-device", metavar="DEVICE",
+                   help="run the text encoder here for good, e.g. cpu (then it needs no GPU memory; it runs once per "
+                   "prompt). Default: --device")
 
 
 def _positive_fps(text: str):

@@ -1,0 +1,255 @@
+"""offload="blocks": a transformer whose blocks stay in the checkpoint and stream through one or two buffers.
+
+The model keeps its small modules (patch embeddings, condition embedder, output head: about 0.5 GB at 14B) where it
+runs. Its `blocks` become placeholders (StreamedBlock) that hand each call to a BlockStream. The stream owns one or
+two real blocks, its "slots", and copies the weights of the block being called into a slot from the memory-mapped
+safetensors files (mapped.py), one tensor at a time. Nothing else of the blocks is ever held: the process never
+has the whole transformer in memory, and what it read stays in the page cache, the kernel's to evict.
+
+One call of block i:
+    acquire(i)     block i's weights are in a slot: fetched one block ahead, or fetched now
+    request(i+1)   the next block's weights start moving: into the other slot (two slots), or, with one slot,
+                   a read-ahead hint so the kernel reads the file while block i computes
+    compute        block i in its slot
+    release        the slot may be overwritten once that compute is done
+
+On CUDA there are two slots on the device (double buffering): a worker thread copies each tensor's mapped bytes
+through a ring of pinned staging buffers (64 MiB each: the host never pins a copy of the model) and a side stream
+moves them to the device, while the main stream computes the other slot; CUDA events order copy-after-compute and
+compute-after-copy. On a CPU there is one slot by default and every copy is made on the calling thread.
+
+Results equal those of the resident model exactly: the slots hold the same values (the same dtype conversion) and
+run the same module code.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .mapped import MappedCheckpoint, as_bytes
+from .weights import _check_keys, param_dtype, read_config, weight_files
+
+STAGING_BYTES = 64 * 2**20  # a power of two: the pinned allocator rounds every allocation up to one
+STAGING_BUFFERS = 4
+
+
+class StreamedBlock(nn.Module):
+    """Stands in for transformer block `index`: calling it runs that block's weights in one of the stream's slots."""
+
+    def __init__(self, index: int, stream: BlockStream):
+        super().__init__()
+        self.index, self.stream = index, stream
+
+    def forward(self, *args, **kwargs):
+        return self.stream.run(self.index, *args, **kwargs)
+
+    def compile(self, *args, **kwargs):
+        """torch.compile the modules that compute (the slots), not this placeholder, which reads files."""
+        self.stream.compile(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, streamed"
+
+
+@dataclass(eq=False)
+class _Slot:
+    module: nn.Module
+    block: int | None = None  # whose weights it holds, or is receiving
+    ready: object = None  # the copies' token to wait on before computing
+    free: object = None  # the copies' token of the last compute on it, to wait on before overwriting
+    busy: bool = False
+    used: int = 0  # when it was last acquired, to overwrite the least recently used
+
+
+class BlockStream:
+    """The blocks of one transformer, read from `checkpoint` into at most `slots` resident blocks on `device`."""
+
+    def __init__(self, checkpoint: MappedCheckpoint, template: nn.Module, num_blocks: int, torch_dtype, device,
+                 slots: int | None = None, prefix: str = "blocks"):
+        self.checkpoint, self.num_blocks = checkpoint, num_blocks
+        self.device = torch.device(device)
+        self.max_slots = slots or (2 if self.device.type == "cuda" else 1)
+        self.template = template  # a block on the meta device: the slots' architecture
+        self.names = list(template.state_dict())
+        self.keys = [[f"{prefix}.{i}.{name}" for name in self.names] for i in range(num_blocks)]
+        self.dtypes = {name: param_dtype(f"{prefix}.0.{name}", torch_dtype) for name in self.names}
+        self.copies = _CudaCopies(self.device) if self.device.type == "cuda" else _CpuCopies()
+        self.slots: list[_Slot] = []
+        self._clock = itertools.count(1)
+        self._compile: tuple | None = None
+
+    def run(self, i: int, *args, **kwargs):
+        slot = self.acquire(i)
+        self.request((i + 1) % self.num_blocks)  # the next forward starts at block 0: it is fetched ahead too
+        try:
+            return slot.module(*args, **kwargs)
+        finally:
+            self.release(slot)
+
+    def acquire(self, i: int) -> _Slot:
+        """The slot holding block i, ready to compute (its copies waited for)."""
+        slot = next((s for s in self.slots if s.block == i), None) or self.fetch(i)
+        try:
+            self.copies.wait(slot.ready)
+        except BaseException:
+            slot.block = None  # a failed copy leaves the slot holding nothing
+            raise
+        slot.busy, slot.used = True, next(self._clock)
+        return slot
+
+    def request(self, i: int) -> None:
+        """Block i will be needed next: start moving its weights if a slot is free, else hint the page cache."""
+        if any(s.block == i for s in self.slots):
+            return
+        if len(self.slots) < self.max_slots or any(not s.busy for s in self.slots):
+            self.fetch(i)
+        else:
+            self.checkpoint.read_ahead(self.keys[i])
+
+    def fetch(self, i: int) -> _Slot:
+        """Start copying block i's weights into a free slot (the least recently used)."""
+        slot = self._free_slot()
+        slot.block, slot.ready = None, None
+        tensors = slot.module.state_dict(keep_vars=True)
+        reads = [(key, tensors[name]) for key, name in zip(self.keys[i], self.names)]
+        slot.ready = self.copies.fetch(self.checkpoint, reads, after=slot.free)
+        slot.block = i
+        return slot
+
+    def release(self, slot: _Slot) -> None:
+        slot.free, slot.busy = self.copies.computed(), False
+
+    def compile(self, *args, **kwargs) -> None:
+        if self._compile is None:
+            self._compile = (args, kwargs)
+            for slot in self.slots:
+                slot.module.compile(*args, **kwargs)
+
+    def _free_slot(self) -> _Slot:
+        idle = [s for s in self.slots if not s.busy]
+        if len(self.slots) < self.max_slots and not any(s.block is None for s in idle):
+            self.slots.append(_Slot(self._new_block()))
+            return self.slots[-1]
+        if not idle:
+            raise RuntimeError("every slot is computing a block; the block loop must release a slot first")
+        return min(idle, key=lambda s: (s.block is not None, s.used))
+
+    def _new_block(self) -> nn.Module:
+        # Outside inference mode: inference tensors could not be overwritten in place by a later, ordinary forward.
+        with torch.inference_mode(False), torch.no_grad():
+            block = copy.deepcopy(self.template)
+            buffers = {name: torch.empty(t.shape, dtype=self.dtypes[name], device=self.device)
+                       for name, t in self.template.state_dict().items()}
+            block.load_state_dict(buffers, strict=True, assign=True)
+        block = block.eval().requires_grad_(False)
+        if self._compile is not None:
+            block.compile(*self._compile[0], **self._compile[1])
+        return block
+
+
+class _CpuCopies:
+    """Copies on the calling thread, from the mapped file straight into the slot's tensors."""
+
+    @torch.no_grad()
+    def fetch(self, checkpoint: MappedCheckpoint, reads, after=None):
+        for key, out in reads:
+            checkpoint.read_into(key, out)
+
+    def wait(self, token) -> None:
+        pass
+
+    def computed(self):
+        return None
+
+
+class _CudaCopies:
+    """Host -> GPU copies on a side stream, through a ring of pinned staging buffers, on one worker thread: the host
+    copies mapped bytes into one staging buffer while the DMA engine empties another, and the main thread keeps
+    launching compute meanwhile."""
+
+    def __init__(self, device: torch.device, staging_bytes: int = STAGING_BYTES, buffers: int = STAGING_BUFFERS):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.staging = [torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(buffers)]
+        self.emptied: list = [None] * buffers  # per staging buffer: the event of the last copy out of it
+        self.next = 0
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="helios-blocks")
+
+    def fetch(self, checkpoint: MappedCheckpoint, reads, after=None):
+        return self.worker.submit(self._copy, checkpoint, reads, after)
+
+    def wait(self, token) -> None:
+        torch.cuda.current_stream(self.device).wait_event(token.result())
+
+    def computed(self):
+        return torch.cuda.current_stream(self.device).record_event()
+
+    @torch.no_grad()
+    def _copy(self, checkpoint: MappedCheckpoint, reads, after):
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)  # the slot's last compute is done before it is overwritten
+            for key, out in reads:
+                stored = checkpoint.record(key).dtype
+                # A tensor stored in another dtype arrives as it is stored, then is converted on the device.
+                landing = out if stored == out.dtype else torch.empty(out.shape, dtype=stored, device=self.device)
+                with checkpoint.mapped(key) as src:
+                    self._stage(src, landing.view(-1).view(torch.uint8))
+                if landing is not out:
+                    out.copy_(landing)
+            return self.stream.record_event()
+
+    def _stage(self, src, dst: torch.Tensor) -> None:
+        """Mapped bytes -> pinned staging buffer (host memcpy) -> device (DMA on the side stream), buffer by buffer."""
+        size = self.staging[0].numel()
+        for start in range(0, len(src), size):
+            n = min(size, len(src) - start)
+            k, self.next = self.next, (self.next + 1) % len(self.staging)
+            if self.emptied[k] is not None:
+                self.emptied[k].synchronize()  # its previous bytes have reached the device
+            np.copyto(as_bytes(self.staging[k])[:n], src[start : start + n])
+            dst[start : start + n].copy_(self.staging[k][:n], non_blocking=True)
+            self.emptied[k] = self.stream.record_event()
+
+
+def load_streamed(model_class, directory: Path, torch_dtype, device, slots: int | None = None):
+    """Build `model_class` from a checkpoint folder with its blocks streamed: the small modules are read onto
+    `device` now, each block's weights when it is called. Peak memory while loading: the small modules."""
+    config = read_config(directory)
+    checkpoint = MappedCheckpoint(_safetensors_files(directory))
+    try:
+        with torch.device("meta"):
+            model = model_class(config)
+        _check_keys(checkpoint.shapes(), {name: tuple(t.shape) for name, t in model.state_dict().items()})
+        blocks = model.blocks
+        stream = BlockStream(checkpoint, blocks[0], len(blocks), torch_dtype, device, slots)
+        model.blocks = nn.ModuleList(StreamedBlock(i, stream) for i in range(len(blocks)))
+        with torch.no_grad():
+            state = {key: checkpoint.read(key, param_dtype(key, torch_dtype), device) for key in model.state_dict()}
+        model.load_state_dict(state, strict=True, assign=True)
+    except BaseException:
+        checkpoint.close()
+        raise
+    model.block_stream = stream
+    return model.eval()
+
+
+def _safetensors_files(directory: Path) -> dict:
+    """weight_files, with the reason when there is no safetensors checkpoint to stream from."""
+    try:
+        return weight_files(directory)
+    except FileNotFoundError:
+        others = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        if not others:
+            raise
+        raise ValueError(f"{directory}: offload='blocks' streams weights from memory-mapped safetensors files, and "
+                         f"this folder has only {', '.join(others)} (a pickled checkpoint cannot be read one tensor "
+                         "at a time without loading it whole): convert it to safetensors first") from None
