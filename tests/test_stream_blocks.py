@@ -226,6 +226,20 @@ def test_a_checkpoint_that_changes_under_a_running_job_is_an_error_naming_the_fi
     assert changed and model.block_stream.slots[0].block is None  # the slot is not trusted for anything
 
 
+def test_a_streamed_model_moved_elsewhere_says_where_it_streams(checkpoint):
+    # No second device here: the block is handed tokens on the meta device, as after a model.to(another device).
+    model = HeliosTransformer3DModel.from_pretrained(checkpoint, offload="blocks")
+    with pytest.raises(RuntimeError, match=r"streams its blocks on cpu .* got inputs on meta"):
+        model.blocks[0](torch.zeros(1, 3, 32, device="meta"), None, None, None, None)
+
+
+def test_saving_a_streamed_model_is_refused_before_writing_anything(checkpoint, tmp_path):
+    model = HeliosTransformer3DModel.from_pretrained(checkpoint, offload="blocks")
+    with pytest.raises(ValueError, match=r"does not hold \d+ of its tensors \(blocks\.0\..*offload='blocks'"):
+        model.save_pretrained(tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Host memory, in fresh processes (peak RSS of a process is noisy only across processes, not within one)
 

@@ -19,7 +19,6 @@ import math
 import mmap
 import os
 import struct
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +33,7 @@ DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+WINDOW = 64 * 2**20  # bytes of a file mapped at a time
 
 
 class CheckpointChanged(RuntimeError):
@@ -73,32 +73,32 @@ class MappedFile:
             raise CheckpointChanged(f"{self.path}: the weight file changed while weights were being read from it "
                                     "(size, mtime or inode differ from when it was opened); the job cannot go on")
 
-    @contextmanager
-    def mapped(self, key: str) -> Iterator[np.ndarray]:
-        """Tensor `key`'s bytes (a read-only uint8 array over the mapping), valid inside the `with` only."""
-        self.check()
+    def pieces(self, key: str, size: int = WINDOW) -> Iterator[tuple[int, np.ndarray]]:
+        """Tensor `key`'s bytes as (offset, read-only uint8 array) pieces of at most `size` bytes, each mapped only
+        until the next one is asked for: a read holds at most `size` bytes of the file in this process."""
         record = self.tensors[key]
-        if record.nbytes == 0:
-            yield np.empty(0, np.uint8)
-            return
-        base = record.start - record.start % mmap.ALLOCATIONGRANULARITY
-        mapping = mmap.mmap(self._fd, record.start + record.nbytes - base, offset=base, prot=mmap.PROT_READ)
-        try:
-            yield np.frombuffer(mapping, np.uint8, record.nbytes, record.start - base)
-        finally:
+        for offset in range(0, record.nbytes, size):
+            self.check()
+            start, length = record.start + offset, min(size, record.nbytes - offset)
+            base = start - start % mmap.ALLOCATIONGRANULARITY
+            mapping = mmap.mmap(self._fd, start + length - base, offset=base, prot=mmap.PROT_READ)
             try:
-                mapping.close()
-            except BufferError:  # a caller kept the array: the mapping goes when it does
-                pass
+                yield offset, np.frombuffer(mapping, np.uint8, length, start - base)
+            finally:
+                try:
+                    mapping.close()
+                except BufferError:  # a caller kept the array: the mapping goes when it does
+                    pass
 
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
         """Copy tensor `key` into `out` (same shape; any dtype and device: the copy converts)."""
         record = self.tensors[key]
         direct = out.device.type == "cpu" and out.dtype == record.dtype and out.is_contiguous()
         landing = out if direct else torch.empty(record.shape, dtype=record.dtype)
-        with self.mapped(key) as src:
+        dst = as_bytes(landing)
+        for offset, piece in self.pieces(key):
             # numpy's copy is one plain memcpy; torch's splits it over threads, which stall on a busy machine.
-            np.copyto(as_bytes(landing), src)
+            np.copyto(dst[offset : offset + len(piece)], piece)
         if not direct:
             out.copy_(landing)
         return out
@@ -145,8 +145,8 @@ class MappedCheckpoint:
     def record(self, key: str) -> TensorRecord:
         return self.where[key].tensors[key]
 
-    def mapped(self, key: str):
-        return self.where[key].mapped(key)
+    def pieces(self, key: str, size: int | None = None):
+        return self.where[key].pieces(key, size or WINDOW)
 
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
         return self.where[key].read_into(key, out)

@@ -76,6 +76,8 @@ class BlockStream:
                  slots: int | None = None, prefix: str = "blocks"):
         self.checkpoint, self.num_blocks = checkpoint, num_blocks
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.max_slots = slots or (2 if self.device.type == "cuda" else 1)
         self.template = template  # a block on the meta device: the slots' architecture
         self.names = list(template.state_dict())
@@ -86,11 +88,14 @@ class BlockStream:
         self._clock = itertools.count(1)
         self._compile: tuple | None = None
 
-    def run(self, i: int, *args, **kwargs):
+    def run(self, i: int, h: torch.Tensor, *args, **kwargs):
+        if h.device != self.device:  # the slots cannot follow a .to(): say so before a kernel fails on it
+            raise RuntimeError(f"this transformer streams its blocks on {self.device} (it was loaded with "
+                               f"offload='blocks' for that device), got inputs on {h.device}")
         slot = self.acquire(i)
         self.request((i + 1) % self.num_blocks)  # the next forward starts at block 0: it is fetched ahead too
         try:
-            return slot.module(*args, **kwargs)
+            return slot.module(h, *args, **kwargs)
         finally:
             self.release(slot)
 
@@ -201,23 +206,21 @@ class _CudaCopies:
                 stored = checkpoint.record(key).dtype
                 # A tensor stored in another dtype arrives as it is stored, then is converted on the device.
                 landing = out if stored == out.dtype else torch.empty(out.shape, dtype=stored, device=self.device)
-                with checkpoint.mapped(key) as src:
-                    self._stage(src, landing.view(-1).view(torch.uint8))
+                dst = landing.view(-1).view(torch.uint8)
+                for offset, piece in checkpoint.pieces(key, self.staging[0].numel()):
+                    self._stage(piece, dst[offset : offset + len(piece)])
                 if landing is not out:
                     out.copy_(landing)
             return self.stream.record_event()
 
-    def _stage(self, src, dst: torch.Tensor) -> None:
-        """Mapped bytes -> pinned staging buffer (host memcpy) -> device (DMA on the side stream), buffer by buffer."""
-        size = self.staging[0].numel()
-        for start in range(0, len(src), size):
-            n = min(size, len(src) - start)
-            k, self.next = self.next, (self.next + 1) % len(self.staging)
-            if self.emptied[k] is not None:
-                self.emptied[k].synchronize()  # its previous bytes have reached the device
-            np.copyto(as_bytes(self.staging[k])[:n], src[start : start + n])
-            dst[start : start + n].copy_(self.staging[k][:n], non_blocking=True)
-            self.emptied[k] = self.stream.record_event()
+    def _stage(self, piece, dst: torch.Tensor) -> None:
+        """Mapped bytes -> the next pinned staging buffer (a host memcpy) -> device (a DMA on the side stream)."""
+        k, self.next = self.next, (self.next + 1) % len(self.staging)
+        if self.emptied[k] is not None:
+            self.emptied[k].synchronize()  # its previous bytes have reached the device
+        np.copyto(as_bytes(self.staging[k])[: len(piece)], piece)
+        dst.copy_(self.staging[k][: len(piece)], non_blocking=True)
+        self.emptied[k] = self.stream.record_event()
 
 
 def load_streamed(model_class, directory: Path, torch_dtype, device, slots: int | None = None):

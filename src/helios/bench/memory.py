@@ -10,8 +10,9 @@ token layout (Helios's layout at 64x64 pixels: 144 current + 32 + 4 + 4 memory t
 
 Cases (issue 12's targets in brackets):
 - 14b: the published config (40 blocks, width 5120, 28.6 GB). "blocks" forward [peak RSS <= 4 GB]; and the resident
-  load, run under a data limit of the RAM available now, so that it fails cleanly instead of calling the OOM killer.
-  With too little disk, the largest number of blocks that fits, said so.
+  model, in float32 under a data limit (it fails cleanly instead of calling the OOM killer) and in bfloat16 (its
+  weights are the checkpoint's mapped pages: the kernel pages the file through the RAM). With too little disk, the
+  largest number of blocks that fits, said so.
 - 6-block: 6 blocks at width 5120. Forward with "blocks" [peak <= 0.5x the checkpoint] and resident [about 1.06x].
 - load: loading that checkpoint with "blocks" [peak <= one block + the non-block weights].
 - tiny: the same measurements at width 512 (a 12-block, 0.2 GB fp32 checkpoint), which the test suite runs.
@@ -157,13 +158,19 @@ def probe(folder: str, offload: str, what: str, dtype: str) -> None:
     if what == "forward":
         layout = SimpleNamespace(height=64, width=64, history_height=None, history_width=None, text_len=64)
         inputs = helios_inputs(model.config, layout, "cpu", torch_dtype)
-        out["held_rss"] = _rss_now()
+        out["held_rss"], read = _rss_now(), _read_bytes()
         start = time.perf_counter()
         with torch.inference_mode():
             sample = model(**inputs).sample
         out.update(forward_s=time.perf_counter() - start, forward_peak_rss=_rss_peak(),
-                   finite=bool(torch.isfinite(sample).all()))
+                   forward_disk_read=_read_bytes() - read, finite=bool(torch.isfinite(sample).all()))
     print(json.dumps(out))
+
+
+def _read_bytes() -> int:
+    """Bytes this process has made the kernel read from storage (page-cache hits are not counted)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
 
 
 def warm_up(offload: str, torch_dtype) -> None:
@@ -220,12 +227,22 @@ def run_case(case: str, root: Path, free_disk: int) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def resident_attempt(folder: Path) -> dict:
-    """The resident load of a checkpoint larger than the RAM, capped at the memory available now (a clean failure
-    instead of the OOM killer taking other processes)."""
-    available = _meminfo("MemAvailable")
-    result = measure(folder, None, "forward", "bfloat16", data_limit=available)
-    return {"data_limit": available, "mem_total": _meminfo("MemTotal"), **result}
+def resident_attempt(folder: Path, timeout: float = 1200) -> dict:
+    """A resident model from a checkpoint larger than the RAM, two ways.
+
+    float32 (a CPU's default dtype) converts every weight into the process's memory: run under a data limit of the
+    memory available now less 4 GiB for the other processes, so that it fails with an allocation error instead of
+    calling the OOM killer. bfloat16 keeps the weights as the checkpoint's mapped pages (safetensors maps the files):
+    a forward then makes the kernel page the whole file through the RAM it can spare; it is timed (with a timeout)
+    and its peak RSS and disk reads reported."""
+    limit = _meminfo("MemAvailable") - 4 * 2**30
+    out = {"mem_total": _meminfo("MemTotal"), "float32_data_limit": limit}
+    for dtype, cap in (("float32", limit), ("bfloat16", None)):
+        try:
+            out[dtype] = measure(folder, None, "forward", dtype, data_limit=cap, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            out[dtype] = {"ok": False, "error": f"no forward within {timeout:.0f} s"}
+    return out
 
 
 def _meminfo(field: str) -> int:
@@ -238,22 +255,24 @@ def summary(case: str, r: dict) -> list[str]:
     lines = [f"{case}: {r['config']['num_layers']} blocks, width {r['config']['width']}, {r['config']['dtype']}, "
              f"checkpoint {gib(r['checkpoint'])} (one block {gib(r['block'])}, non-block {gib(r['non_block'])})"
              + (f" [{r['note']}]" if r.get("note") else "")]
-    for mode in ("blocks", "resident"):
-        m = r.get(mode)
+    runs = [("blocks", r.get("blocks")), ("resident", r.get("resident"))]
+    if case == "14b":
+        runs[1:] = [(f"resident {dtype}", r["resident"][dtype]) for dtype in ("float32", "bfloat16")]
+    for label, m in runs:
         if m is None:
             continue
         if not m["ok"]:
-            lines.append(f"  {mode}: failed ({m['error']})")
-            continue
-        if "forward_peak_rss" in m:
+            lines.append(f"  {label}: failed ({m['error']})")
+        elif "forward_peak_rss" in m:
             peak = m["forward_peak_rss"]
-            lines.append(f"  {mode}: forward {m['forward_s']:.1f} s, peak RSS {gib(peak)} = "
-                         f"{peak / r['checkpoint']:.2f}x checkpoint (above the baseline "
-                         f"{gib(m['baseline_rss'])}: {gib(peak - m['baseline_rss'])}); load {m['load_s']:.1f} s")
+            lines.append(f"  {label}: forward {m['forward_s']:.1f} s, peak RSS {gib(peak)} = "
+                         f"{peak / r['checkpoint']:.2f}x checkpoint (above the baseline {gib(m['baseline_rss'])}: "
+                         f"{gib(peak - m['baseline_rss'])}), {gib(m['forward_disk_read'])} read from disk; "
+                         f"load {m['load_s']:.1f} s")
         else:
             added = m["load_peak_rss"] - m["baseline_rss"]
-            lines.append(f"  {mode}: load {m['load_s']:.1f} s, peak RSS {gib(m['load_peak_rss'])}, above the baseline "
-                         f"{gib(added)} = {added / (r['block'] + r['non_block']):.2f}x (one block + non-block)")
+            lines.append(f"  {label}: load {m['load_s']:.1f} s, peak RSS {gib(m['load_peak_rss'])}, above the "
+                         f"baseline {gib(added)} = {added / (r['block'] + r['non_block']):.2f}x (one block + non-block)")
     return lines
 
 
