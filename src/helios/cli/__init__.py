@@ -37,6 +37,9 @@ examples:
   # ... interrupted? The same command with --resume continues it (story.partial.mp4 holds what is done)
   helios generate --model {PUBLISHED[2]} --prompt-schedule story.tsv --resume story.state --output story.mp4
 
+  # a GPU with 24 GB or less: stream the transformer's blocks (README: Low memory)
+  helios generate --model {PUBLISHED[2]} --prompt "..." --offload blocks --output fox.mp4
+
   helios info {PUBLISHED[2]}
 
 built-in models: {", ".join(BUILTIN_MODELS)} (tiny random weights; no download)
