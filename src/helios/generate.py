@@ -24,17 +24,25 @@ from .model import HeliosTransformer3DModel
 from .offload import Resident, plan_loading
 from .options import VARIANT_DEFAULTS, SamplingOptions, Variant
 from .plan import GenerationPlan, make_plan
-from .state import GenerationState, fingerprint
+from .state import GenerationState, differences, run_settings
 from .text import TextEncoder
 from .vae import VideoVAE
 
 
+PHASES = ("text", "image", "video", "denoise", "decode")
+
+
 @dataclass(frozen=True)
 class StepInfo:
-    chunk: int
+    """What a run is doing, given to the on_step callback: after every denoising step ("denoise"), and as each
+    other phase that takes time starts: "text" (encoding the prompts), "image" / "video" (encoding the I2V / V2V
+    conditioning), "decode" (the VAE turns chunk `chunk`'s latents into frames)."""
+
+    chunk: int  # the chunk being made (the first chunk of the run before it starts)
     num_chunks: int
     step: int  # steps done in this chunk
-    steps: int  # steps of this chunk (all stages)
+    steps: int  # steps of this chunk (all stages); 0 before the chunk starts
+    phase: str = "denoise"  # one of PHASES
 
 
 @dataclass
@@ -65,7 +73,7 @@ class _Run:
     generator: torch.Generator
     seed: int
     first_chunk: int
-    fingerprint: str
+    settings: dict  # state.run_settings: saved with every state
 
 
 class HeliosPipeline:
@@ -122,7 +130,7 @@ class HeliosPipeline:
                  image=None, video=None, resume: GenerationState | str | Path | None = None,
                  on_step: Callable[[StepInfo], bool | None] | None = None) -> Video:
         """The whole video (the chunks of `stream`, concatenated)."""
-        run = self._prepare(prompt, opts, negative_prompt, image, video, resume)
+        run = self._prepare(prompt, opts, negative_prompt, image, video, resume, on_step)
         if run.first_chunk >= run.plan.num_chunks:  # stream() yields nothing then; a whole video of nothing is an error
             raise ValueError(f"resume: the saved state is of a finished run (all {run.plan.num_chunks} chunks are done)")
         chunks = list(self._chunks(run, on_step))
@@ -137,8 +145,13 @@ class HeliosPipeline:
         """Yield each chunk as soon as it is decoded. Stop iterating to cancel between chunks; return True from
         on_step to cancel between denoising steps (the stream then ends without a partial chunk).
 
-        Inputs are checked here, when stream() is called, not when the first chunk is asked for."""
-        run = self._prepare(prompt, opts, negative_prompt, image, video, resume)
+        on_step(StepInfo) reports progress: every denoising step, and the start of each other phase (see StepInfo);
+        its return value is read at denoising steps only. Inputs are checked, and the prompts and conditioning
+        encoded, here, when stream() is called, not when the first chunk is asked for.
+
+        resume: a GenerationState (or its file) to continue from; with prompt=None the run goes on with the state's
+        own prompt schedule, options and negative prompt."""
+        run = self._prepare(prompt, opts, negative_prompt, image, video, resume, on_step)
         return self._chunks(run, on_step)
 
     def plan(self, prompt, opts: SamplingOptions = SamplingOptions(), **length) -> GenerationPlan:
@@ -155,7 +168,14 @@ class HeliosPipeline:
 
     # -- preparation: everything is checked before the first model call ----------------------------------------
 
-    def _prepare(self, prompt, opts, negative_prompt, image, video, resume) -> _Run:
+    def _prepare(self, prompt, opts, negative_prompt, image, video, resume, on_step=None) -> _Run:
+        if isinstance(resume, (str, Path)):
+            resume = GenerationState.load(resume, self.device)
+        if prompt is None and resume is not None:  # resuming from the state alone: its settings
+            if opts != SamplingOptions() or negative_prompt is not None:
+                raise ValueError("resume with prompt=None continues the saved run with its own options and negative "
+                                 "prompt; pass the prompt too to give them")
+            prompt, opts, negative_prompt = resume.schedule, resume.options, resume.negative_prompt
         if isinstance(prompt, GenerationPlan) and opts != SamplingOptions():
             raise ValueError("opts: a plan carries its own options; pass them to plan(), not with the plan")
         plan = prompt if isinstance(prompt, GenerationPlan) else self.plan(prompt, opts)
@@ -163,8 +183,6 @@ class HeliosPipeline:
         if image is not None and video is not None:
             raise ValueError("pass either image= (image-to-video) or video= (video-to-video), not both")
         mode = "i2v" if image is not None else "v2v" if video is not None else "t2v"
-        if isinstance(resume, (str, Path)):
-            resume = GenerationState.load(resume, self.device)
         pixels = None
         if resume is None and mode == "i2v":
             pixels = self.vae.preprocess(load_image(image), opts.height, opts.width)
@@ -174,23 +192,29 @@ class HeliosPipeline:
             seed = opts.seed
         else:  # a resumed run continues with its own seed; a new one draws one and reports it
             seed = resume.seed if resume is not None else random.SystemRandom().randrange(2**63)
-        settings = dataclasses.asdict(dataclasses.replace(opts, seed=seed))
-        # The conditioning image/video is not part of it: a resumed run finds it in the saved memory.
-        digest = fingerprint(variant=self.variant.name, opts=settings, schedule=schedule, negative=negative_prompt)
-        if resume is not None and resume.fingerprint != digest:
-            raise ValueError("resume: the saved state was made with other settings (prompt, options, seed or model)")
+        # The conditioning image/video is not part of them: a resumed run finds it in the saved memory.
+        settings = run_settings(self.variant.name, dataclasses.asdict(dataclasses.replace(opts, seed=seed)), schedule,
+                                negative_prompt)
+        if resume is not None and resume.settings != settings:
+            raise ValueError("resume: the saved state was made with other settings: "
+                             + ", ".join(differences(resume.settings, settings)))
 
+        first = resume.next_chunk if resume is not None else 0
+        report = _reporter(on_step, first, plan.num_chunks)
         do_cfg = opts.guidance_scale > 1.0
+        report("text")
         texts = self._encode_texts(plan.prompts + ([negative_prompt or ""] if do_cfg else []), opts)
         texts, negative = (texts[:-1], texts[-1:]) if do_cfg else (texts, None)
         generator = torch.Generator("cpu").manual_seed(seed)
         if resume is not None:
             generator.set_state(resume.rng_state)
             # A copy on this pipeline's device: the run appends to its history, and the caller's state stays intact.
-            history, first = resume.history.copy(self.device), resume.next_chunk
+            history = resume.history.copy(self.device)
         else:
-            history, first = self._initial_history(opts, pixels, mode, generator), 0
-        return _Run(plan, texts, negative, history, generator, seed, first, digest)
+            if mode != "t2v":
+                report("image" if mode == "i2v" else "video")
+            history = self._initial_history(opts, pixels, mode, generator)
+        return _Run(plan, texts, negative, history, generator, seed, first, settings)
 
     @torch.inference_mode()
     def _encode_texts(self, prompts: list[str], opts: SamplingOptions) -> torch.Tensor:
@@ -261,9 +285,11 @@ class HeliosPipeline:
 
         history.add_chunk(latents, k, opts.is_skip_first_chunk)
         denoised = time.perf_counter()
+        if on_step is not None:
+            on_step(StepInfo(k, plan.num_chunks, total, total, "decode"))
         with self.placement.on_device("vae"):
             frames = self.vae.postprocess(self.vae.decode(latents))[: plan.frames_in_chunk(k)]
-        state = GenerationState(history.copy(), run.generator.get_state(), k + 1, run.seed, run.fingerprint)
+        state = GenerationState(history.copy(), run.generator.get_state(), k + 1, run.seed, run.settings)
         timings = {"denoise_s": denoised - start, "decode_s": time.perf_counter() - denoised}
         return Chunk(k, frames, latents, plan.num_chunks, timings, state)
 
@@ -292,6 +318,13 @@ def default_dtype(device: torch.device) -> torch.dtype:
     """The transformer's and text encoder's dtype when none is asked for: bfloat16 on CUDA, as the official scripts;
     float32 on a CPU, where bfloat16 matmuls are slower (or, without AVX-512, missing from oneDNN)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _reporter(on_step, chunk: int, num_chunks: int) -> Callable[[str], None]:
+    """report(phase): tells on_step that a phase before the first chunk's steps starts."""
+    if on_step is None:
+        return lambda phase: None
+    return lambda phase: on_step(StepInfo(chunk, num_chunks, 0, 0, phase))
 
 
 def _blended_text(embeddings: torch.Tensor, a: int, b: int, w: float) -> torch.Tensor:

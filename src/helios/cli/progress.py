@@ -4,13 +4,22 @@ The bar moves with the denoising steps of all chunks and shows frames done / tot
 the ETA. Chunk 0 of the distilled model takes twice the steps (the amplified first chunk), so the step total is
 re-estimated from the step counts the pipeline reports for each chunk. The ETA is not the bar's step rate: decoding
 a chunk takes no steps but real time, so once a chunk is done the ETA is the mean time per chunk times what is left.
+
+Its label says what is happening: the pipeline reports each phase through its on_step callback (text and input
+encoding, denoising, decoding; generate.StepInfo), the command its own (writing, saving the state). Between events
+the bar is redrawn every second, so that its clock runs through a long phase.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
+
+ACTIVITIES = {"text": "encoding text", "image": "encoding image", "video": "encoding video", "denoise": "denoising",
+              "decode": "decoding"}  # StepInfo.phase -> the bar's words
+BEFORE_CHUNKS = ("text", "image", "video")  # phases of the whole run, before its first chunk
 
 
 class Progress:
@@ -22,6 +31,7 @@ class Progress:
         self.start = time.perf_counter()
         self._chunk_start, self._steps_before, self._bar = self.start, 0, None
         self._current, self._durations = first_chunk, []  # seconds of each chunk finished in this run
+        self._stop_ticking = threading.Event()
 
     @property
     def seconds(self) -> float:
@@ -33,23 +43,30 @@ class Progress:
         return (self.frames_done - self.frames_start) / max(self.seconds, 1e-9)
 
     def step(self, info) -> None:
-        """on_step callback (a StepInfo): advance the bar; never cancels."""
+        """on_step callback (a StepInfo): advance the bar, or say which phase starts; never cancels."""
         if self.mode != "bar":
             return
-        if self._bar is None:  # made at the first step: a run that fails its checks shows no bar
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=0, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False,
-                             bar_format="{desc} {bar} {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]")
+        self._current, activity = info.chunk, ACTIVITIES.get(info.phase, info.phase)
+        if info.phase in BEFORE_CHUNKS:
+            self._describe(activity)
+            return
+        if info.phase != "denoise":
+            self.phase(activity)
+            return
         if info.step == 1:  # a chunk starts: now its step count is known; later chunks take as many
+            self.phase(activity)
             later = self.num_chunks - info.chunk - 1
             self._bar.total = self._steps_before + info.steps * (1 + later)
             self._steps_before += info.steps
-            self._current = info.chunk
-            self._describe()
         else:
             self._bar.set_postfix_str(self._status(), refresh=False)
         self._bar.update(1)
+
+    def phase(self, activity: str) -> None:
+        """A phase of the current chunk starts (the command's own: "writing", "saving state")."""
+        if self.mode != "bar":
+            return
+        self._describe(f"chunk {self._current + 1}/{self.num_chunks} {activity}")
 
     def chunk(self, index: int, frames: int, output) -> None:
         """A chunk is written (and its state saved)."""
@@ -77,13 +94,30 @@ class Progress:
                   f"peak memory {memory}, seed {summary['seed']}", file=sys.stderr)
 
     def close(self) -> None:
+        self._stop_ticking.set()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
 
-    def _describe(self) -> None:
-        self._bar.set_description_str(f"chunk {self._current + 1}/{self.num_chunks}", refresh=False)
+    def _describe(self, label: str) -> None:
+        if self._bar is None:  # made at the first event: a run that fails its checks shows no bar
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=0, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False, desc=label,
+                             postfix=self._status(), bar_format="{desc} {bar} {n_fmt}/{total_fmt} steps [{elapsed}"
+                             "{postfix}]")
+            threading.Thread(target=self._tick, name="helios-progress", daemon=True).start()
+            return
+        self._bar.set_description_str(label, refresh=False)
         self._bar.set_postfix_str(self._status())
+
+    def _tick(self) -> None:
+        """Redraw every second until closed: the clock, the ETA and the label move through a long phase."""
+        while not self._stop_ticking.wait(1.0):
+            bar = self._bar
+            if bar is not None:
+                bar.set_postfix_str(self._status(), refresh=False)
+                bar.refresh()  # under tqdm's lock, as the main thread's updates
 
     def _status(self) -> str:
         status = f"frames {self.frames_done}/{self.total_frames}, {self.fps:.2f} fps"
