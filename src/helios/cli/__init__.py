@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import warnings
 from pathlib import Path
 
 from .. import __version__
 from ..folder import BUILTIN_MODELS, PUBLISHED
 from . import checks
-from .common import BAD_INPUT, EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, quiet_libraries
+from .common import BAD_INPUT, EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, quiet_libraries, show_warnings
 
 EXAMPLES = f"""
 examples:
@@ -34,8 +33,8 @@ examples:
 
   # a long, interactive video: prompts change on a schedule (lines of n_chunks<TAB>prompt, or a CSV)
   helios generate --model {PUBLISHED[2]} --prompt-schedule story.tsv --state story.state --output story.mp4
-  # ... interrupted? The same command with --resume continues it (story.partial.mp4 holds what is done)
-  helios generate --model {PUBLISHED[2]} --prompt-schedule story.tsv --resume story.state --output story.mp4
+  # ... interrupted? The state alone continues it (story.partial.mp4 holds what is done)
+  helios generate --resume story.state
 
   # a GPU with 24 GB or less: stream the transformer's blocks (README: Low memory)
   helios generate --model {PUBLISHED[2]} --prompt "..." --offload blocks --output fox.mp4
@@ -53,9 +52,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.formatwarning = lambda message, *_, **__: f"helios: warning: {message}\n"
-    if getattr(args, "quiet", False):
-        warnings.simplefilter("ignore")
+    show_warnings(getattr(args, "quiet", False), args.debug)
     previous = checks.handle_sigterm()  # SIGTERM ends a run as Ctrl-C does, keeping what is finished
     try:
         return args.run(args)
@@ -97,10 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to generate")
-    g.add_argument("--model", required=True, metavar="M",
-                   help=f"a model folder, a Hugging Face repo id ({', '.join(PUBLISHED)}), or a built-in model "
-                   f"({', '.join(BUILTIN_MODELS)}: tiny random weights, its videos are noise)")
-    prompts = g.add_mutually_exclusive_group(required=True)
+    # --model and a prompt are required unless --resume gives them (resume.resolve_arguments); the arguments whose
+    # default is None there get their default in resume.DEFAULTS, or the saved run's value.
+    g.add_argument("--model", metavar="M",
+                   help=f"(required) a model folder, a Hugging Face repo id ({', '.join(PUBLISHED)}), or a built-in "
+                   f"model ({', '.join(BUILTIN_MODELS)}: tiny random weights, its videos are noise)")
+    prompts = g.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", metavar="TEXT")
     prompts.add_argument("--prompt-schedule", metavar="FILE", type=Path,
                          help="prompts that change over the video: lines of 'n_chunks<TAB>prompt', or a CSV with a "
@@ -124,16 +123,16 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--height", type=checks.positive_int, metavar="H", help="(default 384; a multiple of 64 for Mid and "
                    "Distilled, of 16 for Base; built-in models default to 192x320)")
     v.add_argument("--width", type=checks.positive_int, metavar="W", help="(default 640)")
-    v.add_argument("--fps", type=_positive_fps, default=24, metavar="F", help="frame rate of the file (default 24)")
-    v.add_argument("--output", "-o", type=Path, default=Path("output.mp4"), metavar="PATH",
+    v.add_argument("--fps", type=_positive_fps, metavar="F", help="frame rate of the file (default 24)")
+    v.add_argument("--output", "-o", type=Path, metavar="PATH",
                    help="the .mp4 to write (default output.mp4); it grows beside it as NAME.partial.mp4, which "
                    "plays at any time, and is renamed at the end")
     v.add_argument("--overwrite", action="store_true", help="replace an existing --output (it stays until the new "
                    "video is complete), or an interrupted run's NAME.partial.mp4; without it they are kept and the "
                    "run refused")
-    v.add_argument("--crf", type=int, default=18, choices=range(52), metavar="0-51",
+    v.add_argument("--crf", type=int, choices=range(52), metavar="0-51",
                    help="H.264 quality: 0 lossless (in 4:2:0 YUV), 18 visually lossless (default), 23 smaller")
-    v.add_argument("--lossless", action="store_true",
+    v.add_argument("--lossless", action="store_true", default=None,
                    help="exact 8-bit RGB frames (libx264rgb); plays in ffmpeg, mpv, VLC, not in browsers")
     _sampler_arguments(p)
     _memory_arguments(p)
@@ -148,22 +147,24 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
                    "Base and Mid, 1.0 = none for Distilled)")
     s.add_argument("--amplify-first-chunk", action=argparse.BooleanOptionalAction,
                    help="twice the steps for chunk 0 (default: on for Distilled)")
-    s.add_argument("--skip-first-chunk", action="store_true",
+    s.add_argument("--skip-first-chunk", action="store_true", default=None,
                    help="anchor on chunk 1 instead of chunk 0 (if the first chunk of I2V/V2V comes out static)")
     s.add_argument("--interpolation-steps", type=checks.positive_int, metavar="N",
                    help="chunks over which a scheduled prompt change is blended (default 3; 1 = switch at once)")
     s.add_argument("--seed", type=checks.seed, metavar="S", help="(default: random, printed at the end; an integer "
                    "in [-2**63, 2**64))")
-    s.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
-                   help="transformer and text encoder dtype (default: bfloat16 on CUDA, float32 on CPU; the VAE "
-                   "runs in float32)")
-    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    s.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="transformer and text encoder dtype (default auto: bfloat16 on CUDA, float32 on CPU; with "
+                   "--resume, the run's own; the VAE runs in float32)")
+    s.add_argument("--device", help="cpu, cuda, cuda:1, ... (default auto: cuda if available; with --resume, the "
+                   "run's choice)")
     s.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks, for GPUs (the first "
                    "chunk at each resolution waits for the compiler; on a CPU it gains nothing)")
     r = p.add_argument_group("long runs and output")
     r.add_argument("--state", type=Path, metavar="PATH", help="save the generation state here after every chunk")
-    r.add_argument("--resume", type=Path, metavar="PATH", help="continue an interrupted run from its --state file: "
-                   "give the same command and --output; the state keeps being saved there")
+    r.add_argument("--resume", type=Path, metavar="PATH", help="continue an interrupted run from its --state file; "
+                   "the state holds the run's arguments (other arguments given must agree with them, --device may "
+                   "change), and keeps being saved there")
     out = r.add_mutually_exclusive_group()
     out.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     out.add_argument("--json", action="store_true", help="one JSON object per chunk on stdout, then a summary")

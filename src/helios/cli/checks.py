@@ -55,7 +55,8 @@ def guidance(text: str) -> float:
 
 
 def check_flags(args) -> None:
-    """Flag combinations and files, before anything is loaded."""
+    """Flag combinations and files, before anything is loaded (and before --resume fills in the arguments left out;
+    check_output after it)."""
     if args.state is not None and args.resume is not None:
         raise ValueError(f"--state {args.state} and --resume {args.resume} together: a resumed run keeps saving its "
                          "state to the --resume file; give only --resume")
@@ -63,7 +64,6 @@ def check_flags(args) -> None:
         path = getattr(args, flag)
         if path is not None and path.is_dir():
             raise IsADirectoryError(f"--{flag.replace('_', '-')} {path} is a folder, not a file")
-    check_output(args)
 
 
 def check_output(args) -> None:

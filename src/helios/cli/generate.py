@@ -12,21 +12,25 @@ from pathlib import Path
 
 from ..folder import check_model_name, noise_notice, open_model
 from ..video_io import SUFFIXES, VideoSettings, VideoWriter, partial_path, to_uint8
-from .checks import check_flags, device_and_dtype
+from .checks import check_flags, check_output, device_and_dtype
 from .common import EXIT_INTERRUPTED, GenerationFailed, check_writable, quiet_libraries
 from .progress import Progress, peak_memory
+from .resume import command_settings, given_options, resolve_arguments
 
 
 def generate(args) -> int:
     check_flags(args)
+    state = resolve_arguments(args)  # with --resume, the saved run's settings fill in what is left out
+    check_output(args)
     _check_paths(args)
     check_model_name(args.model)
     from ..prompts import read_schedule
-    from ..state import GenerationState
 
-    prompt = (read_schedule(args.prompt_schedule, args.chunks_per_prompt, args.schedule_id)
-              if args.prompt_schedule else args.prompt)
-    state = GenerationState.load(args.resume) if args.resume else None
+    if state is not None:
+        prompt = state.schedule
+    else:
+        prompt = (read_schedule(args.prompt_schedule, args.chunks_per_prompt, args.schedule_id)
+                  if args.prompt_schedule else args.prompt)
     media = {} if state else _media(args)  # a resumed run finds the conditioning in its saved memory
     quiet_libraries(args.debug)
     from ..generate import HeliosPipeline  # the heavy imports (transformers, diffusers) after the cheap checks
@@ -36,7 +40,8 @@ def generate(args) -> int:
     text_encoder_device = _text_encoder_device(args)
     with open_model(args.model) as model:
         # The plan checks the options against the model's config files before any weights are read.
-        plan = make_plan(prompt, _options(args), model.variant, model.defaults, patch_size=model.patch_size)
+        opts = state.options if state is not None else _options(args)  # resolved: given ones agree with them
+        plan = make_plan(prompt, opts, model.variant, model.defaults, patch_size=model.patch_size)
         pipe = HeliosPipeline.from_pretrained(model, torch_dtype=dtype, device=device, offload=args.offload,
                                               text_encoder_device=text_encoder_device)
         if args.compile:
@@ -54,7 +59,7 @@ def _check_paths(args) -> None:
     for flag in ("state", "resume"):  # a resumed run keeps saving its state to the --resume file
         if getattr(args, flag) is not None:
             check_writable(getattr(args, flag), f"--{flag}")
-    for flag in ("resume", "image", "video", "prompt_schedule"):
+    for flag in ("image", "video", "prompt_schedule"):
         path = getattr(args, flag)
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file")
@@ -68,13 +73,7 @@ def _options(args):
     """SamplingOptions from the flags; None leaves a field to the model's defaults (the plan fills them in)."""
     from ..options import SamplingOptions
 
-    given = dict(
-        height=args.height, width=args.width, num_frames=args.num_frames, num_inference_steps=args.steps,
-        guidance_scale=args.guidance, is_amplify_first_chunk=args.amplify_first_chunk,
-        pyramid_num_inference_steps_list=tuple(args.pyramid_steps) if args.pyramid_steps else None,
-        is_skip_first_chunk=args.skip_first_chunk, interpolation_steps=args.interpolation_steps, seed=args.seed,
-    )
-    return SamplingOptions(**{k: v for k, v in given.items() if v is not None})
+    return SamplingOptions(**given_options(args))
 
 
 def _media(args) -> dict:
@@ -105,26 +104,37 @@ def _generate_to_file(pipe, args, plan, media: dict, state, notice: str | None) 
     first = state.next_chunk if state is not None else 0
     done = plan.frames_before(first)
     progress = Progress("quiet" if args.quiet else "json" if args.json else "bar", num_chunks, total, first, done)
-    negative = DEFAULT_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
-    stream = pipe.stream(plan, negative_prompt=negative, resume=state, on_step=progress.step, **media)
     if first >= num_chunks and args.output.is_file() and not partial_path(args.output).exists():
         print(f"helios: nothing to resume: {args.resume} is the state after the last chunk of {args.output}",
               file=sys.stderr)
         return 0
-    if notice:  # every input is checked by now: this run will generate
+    if notice:  # the options are checked by now: this run will generate
         print(f"helios: note: {notice}", file=sys.stderr)
-    writer = _open_writer(args, opts, first if state is not None else None, done)
+    if state is not None:  # the run's own (a --negative-prompt given agrees with it)
+        negative = state.negative_prompt
+    else:
+        negative = DEFAULT_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
+    try:  # encodes the prompts (and the image or video), reporting it: the bar appears
+        stream = pipe.stream(plan, negative_prompt=negative, resume=state, on_step=progress.step, **media)
+        writer = _open_writer(args, opts, first if state is not None else None, done)
+    except BaseException:
+        progress.close()
+        raise
     seed = state.seed if state is not None else None
-    state_path = args.state or args.resume
+    state_path, saved = args.state or args.resume, state is not None  # saved: a state file to resume from exists
+    settings = command_settings(args, pipe.transformer.dtype)
     try:
         for chunk in stream:
+            progress.phase("writing")
             writer.write(to_uint8(chunk.frames))
-            if state_path is not None:
-                chunk.state.save(state_path)  # after the video: the file never has fewer chunks than the state
+            if state_path is not None:  # after the video: the file never has fewer chunks than the state
+                progress.phase("saving state")
+                chunk.state.with_metadata(**settings).save(state_path)
+                saved = True
             seed = chunk.state.seed
             progress.chunk(chunk.index, chunk.frames.shape[0], writer.partial)
     except BaseException as err:
-        return _stopped(err, writer, progress, state_path)
+        return _stopped(err, writer, progress, state_path if saved else None)
     path = writer.finish()
     progress.finish({
         "output": str(path), "frames": writer.frames, "chunks": writer.chunks, "video_fps": float(args.fps),
@@ -149,11 +159,12 @@ def _open_writer(args, opts, resume_after: int | None, done: int) -> VideoWriter
 
 
 def _stopped(err: BaseException, writer: VideoWriter, progress: Progress, state_path: Path | None) -> int:
-    """Ctrl-C or a failure mid-run: keep the finished chunks (a playable file), say how to go on."""
+    """Ctrl-C or a failure mid-run: keep the finished chunks (a playable file), say how to go on (state_path: the
+    state file written, if one was)."""
     progress.close()
     writer.close()
     kept = (f"the first {writer.frames} frames are in {writer.partial}" if writer.chunks else "no chunk was finished")
-    hint = (f"; continue with the same command and --resume {state_path}" if state_path is not None and writer.chunks
+    hint = (f"; continue with: helios generate --resume {state_path}" if state_path is not None and writer.chunks
             else "")
     if isinstance(err, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (checks.Terminated)
         print(f"helios: interrupted after {writer.chunks} chunks: {kept}{hint}", file=sys.stderr)
