@@ -185,7 +185,7 @@ def test_info_describes_and_checks_the_builtin_model(started):
     out = result.stdout
     for shown in ("variant      distilled", "pipeline     HeliosPyramidPipeline (is_distilled=True",
                   "sampler      HeliosDMDScheduler: dmd, 3 stage(s), dynamic linear shift",
-                  "defaults     192x320, 99 frames (3 chunks of 33), pyramid steps [2, 2, 2], amplified first chunk",
+                  "defaults     128x192, 99 frames (3 chunks of 33), pyramid steps [2, 2, 2], amplified first chunk",
                   "num_attention_heads=2", "num_layers=2", "rope_dim=[4, 6, 6]"):
         assert shown in out
     for name in ("transformer", "vae", "text_encoder"):

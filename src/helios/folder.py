@@ -44,8 +44,9 @@ class BuiltinModel:
     defaults: dict = field(default_factory=dict)  # SamplingOptions fields that override the variant's defaults
 
 
-# 192x320 (a half-size 384x640) and three chunks: a few seconds per chunk on two CPU cores.
-_TINY = dict(height=192, width=320, num_frames=99)
+# 128x192 (multiples of 64, as the pyramid needs, near 384x640's shape) and three chunks, so that the memory and
+# ETA are at work: about a second per chunk on two CPU cores (docs/benchmarks.md).
+_TINY = dict(height=128, width=192, num_frames=99)
 BUILTIN_MODELS = {
     "helios-tiny": BuiltinModel("distilled", _TINY),
     "helios-tiny-mid": BuiltinModel("mid", _TINY),

@@ -4,6 +4,7 @@
     python -m helios.bench pipeline [--variant base]
     python -m helios.bench load [--layers 6]
     python -m helios.bench memory [--cases ...]     (offload="blocks" vs resident host memory: see memory.py)
+    python -m helios.bench phases [--model helios-tiny]   (ours only: the README's first command, phase by phase)
 
 The reference is the oracle of the test suite (`pip install -e ".[test]"`); this module is the only one of the
 package that imports it, for comparison. Runs alternate A B A B and report medians and the ratio ours / reference.
@@ -379,6 +380,10 @@ def parser() -> argparse.ArgumentParser:
     lo.add_argument("--ffn", type=int, default=8192)
     lo.add_argument("--shard-size", default="300MB")
     lo.add_argument("--runs", type=int, default=3)
+    ph = sub.add_parser("phases", help="the README's first command: its wall time, and its time per phase (ours "
+                        "only)")
+    ph.add_argument("--model", default="helios-tiny")
+    ph.add_argument("--runs", type=int, default=3, help="fresh processes of the whole command (default 3)")
     ld = sub.add_parser("_load", add_help=False)
     ld.add_argument("impl")
     ld.add_argument("folder")
@@ -393,6 +398,14 @@ def main(argv=None) -> None:
         return forward_peak(args)
     if args.command == "_load":
         return load_once(args.impl, args.folder)
+    if args.command == "phases":
+        from .phases import bench_phases
+
+        result = bench_phases(args)
+        print(json.dumps(result, indent=2))
+        wall, generation = result["command_wall_median_s"], result["generation_median_s"]
+        print(f"the command: {wall:.1f} s, its generation {generation:.1f} s (medians)", file=sys.stderr)
+        return
     result = {"transformer": bench_transformer, "pipeline": bench_pipeline, "load": bench_load}[args.command](args)
     print(json.dumps(result, indent=2))
     summary = result.get("ratio", result.get("load_ratio"))

@@ -121,7 +121,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    "the model's; 240 for Distilled, 99 for Base and Mid; the schedule's length with "
                    "--prompt-schedule; at most a day of video, 2073600)")
     v.add_argument("--height", type=checks.positive_int, metavar="H", help="(default 384; a multiple of 64 for Mid and "
-                   "Distilled, of 16 for Base; built-in models default to 192x320)")
+                   "Distilled, of 16 for Base; built-in models default to 128x192)")
     v.add_argument("--width", type=checks.positive_int, metavar="W", help="(default 640)")
     v.add_argument("--fps", type=_positive_fps, metavar="F", help="frame rate of the file (default 24)")
     v.add_argument("--output", "-o", type=Path, metavar="PATH",
