@@ -102,6 +102,24 @@ def test_arguments_that_contradict_the_state_are_named(interrupted, capsys):
     assert (interrupted / "fox.partial.mp4").read_bytes() == partial
 
 
+def test_the_state_keeps_the_low_memory_settings(interrupted):
+    """A run made with --offload resumes with it (a resume alone must not run out of memory); another offload or
+    text-encoder device given at resume is no contradiction: they change where the run goes on, not what it makes."""
+    from helios.cli import build_parser
+    from helios.cli.resume import resolve_arguments
+    from helios.state import GenerationState
+
+    state = GenerationState.load(interrupted / "fox.state")
+    assert state.metadata["offload"] is None and state.metadata["text_encoder_device"] is None  # the run's own
+    state.with_metadata(offload="blocks", text_encoder_device="cpu").save("low.state")
+    args = build_parser().parse_args(["generate", "--resume", "low.state"])
+    resolve_arguments(args)
+    assert (args.offload, args.text_encoder_device, args.model) == ("blocks", "cpu", "helios-tiny")
+    args = build_parser().parse_args(["generate", "--resume", "low.state", "--offload", "model"])
+    resolve_arguments(args)
+    assert args.offload == "model"
+
+
 def test_a_state_saved_from_python_needs_the_model(interrupted, capsys):
     from helios.state import GenerationState
 

@@ -2,9 +2,9 @@
 
 Every state the command saves carries, beside the pipeline's settings (prompt schedule, options with the seed,
 negative prompt), the command's own (`command_settings`): the model, the output file, the video encoding, the dtype,
-the device and the conditioning file. So `--resume STATE` alone continues a run. Arguments given anyway must agree
-with the state; those that do not are named in one error, before anything is loaded. The device may change (it is
-where the run goes on, not what it makes). Without --resume, the arguments left out get their defaults here.
+the device, the offload mode and the conditioning file. So `--resume STATE` alone continues a run (a low-memory one
+keeps its offload). Arguments given anyway must agree with the state; those that do not are named in one error, before
+anything is loaded. The device and the offload may change (they are where and how the run goes on, not what it makes). Without --resume, the arguments left out get their defaults here.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def command_settings(args, dtype) -> dict:
     """What the command saves with each state, beside the pipeline's settings (JSON values)."""
     return {"model": _model_name(args.model), "output": str(Path(args.output).absolute()), "fps": str(args.fps),
             "crf": args.crf, "lossless": bool(args.lossless), "dtype": str(dtype).removeprefix("torch."),
-            "device": args.device, "image": _absolute(args.image), "video": _absolute(args.video)}
+            "device": args.device, "offload": args.offload, "text_encoder_device": args.text_encoder_device,
+            "image": _absolute(args.image), "video": _absolute(args.video)}
 
 
 def _load(path: Path):
@@ -90,8 +91,9 @@ def _take_saved(args, state) -> None:
     take("dtype", same=lambda given, value: given in ("auto", value))  # auto: the run's own
     if args.dtype == "auto" and saved.get("dtype"):
         args.dtype = saved["dtype"]
-    if args.device is None:  # where the run goes on, not what it makes: another device is no contradiction
-        args.device = saved.get("device")
+    for name in ("device", "offload", "text_encoder_device"):  # how the run goes on, not what it makes: no conflict
+        if getattr(args, name) is None:
+            setattr(args, name, saved.get(name))
     for kind in ("image", "video"):  # the conditioning is in the saved memory; a path given must be the run's
         if getattr(args, kind) is not None and saved and _absolute(getattr(args, kind)) != saved.get(kind):
             conflicts.append((kind, getattr(args, kind), saved.get(kind)))
