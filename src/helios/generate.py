@@ -25,6 +25,7 @@ from .offload import Resident, plan_loading
 from .options import VARIANT_DEFAULTS, SamplingOptions, Variant
 from .plan import GenerationPlan, make_plan
 from .state import GenerationState, differences, run_settings
+from .steering import PromptTrack, Steering
 from .text import TextEncoder
 from .vae import VideoVAE
 
@@ -53,6 +54,7 @@ class Chunk:
     num_chunks: int
     timings: dict[str, float]  # denoise_s, decode_s
     state: GenerationState  # save it to resume after this chunk
+    prompt: dict  # the prompt this chunk moved to, its weight, and the steering change it came from (steering.py)
 
 
 @dataclass
@@ -67,7 +69,8 @@ class _Run:
     """One generation's fixed inputs: the plan, texts, the memory and the generator."""
 
     plan: GenerationPlan
-    texts: torch.Tensor  # [n_prompts, L, D]
+    track: PromptTrack  # each chunk's text: the schedule's, then the steering's
+    steering: Steering | None
     negative: torch.Tensor | None
     history: History
     generator: torch.Generator
@@ -141,7 +144,8 @@ class HeliosPipeline:
 
     def stream(self, prompt, opts: SamplingOptions = SamplingOptions(), negative_prompt: str | None = None,
                image=None, video=None, resume: GenerationState | str | Path | None = None,
-               on_step: Callable[[StepInfo], bool | None] | None = None) -> Iterator[Chunk]:
+               on_step: Callable[[StepInfo], bool | None] | None = None,
+               steering: Steering | None = None) -> Iterator[Chunk]:
         """Yield each chunk as soon as it is decoded. Stop iterating to cancel between chunks; return True from
         on_step to cancel between denoising steps (the stream then ends without a partial chunk).
 
@@ -150,8 +154,11 @@ class HeliosPipeline:
         encoded, here, when stream() is called, not when the first chunk is asked for.
 
         resume: a GenerationState (or its file) to continue from; with prompt=None the run goes on with the state's
-        own prompt schedule, options and negative prompt."""
-        run = self._prepare(prompt, opts, negative_prompt, image, video, resume, on_step)
+        own prompt schedule, options and negative prompt.
+
+        steering: prompt changes while the stream runs (`steering.set(prompt, transition_chunks)`), applied when the
+        next chunk starts (steering.py)."""
+        run = self._prepare(prompt, opts, negative_prompt, image, video, resume, on_step, steering)
         return self._chunks(run, on_step)
 
     def plan(self, prompt, opts: SamplingOptions = SamplingOptions(), **length) -> GenerationPlan:
@@ -168,7 +175,7 @@ class HeliosPipeline:
 
     # -- preparation: everything is checked before the first model call ----------------------------------------
 
-    def _prepare(self, prompt, opts, negative_prompt, image, video, resume, on_step=None) -> _Run:
+    def _prepare(self, prompt, opts, negative_prompt, image, video, resume, on_step=None, steering=None) -> _Run:
         if isinstance(resume, (str, Path)):
             resume = GenerationState.load(resume, self.device)
         if prompt is None and resume is not None:  # resuming from the state alone: its settings
@@ -198,7 +205,11 @@ class HeliosPipeline:
         if resume is not None and resume.settings != settings:
             raise ValueError("resume: the saved state was made with other settings: "
                              + ", ".join(differences(resume.settings, settings)))
+        return self._start(plan, mode, pixels, seed, settings, negative_prompt, resume, on_step, steering)
 
+    def _start(self, plan, mode, pixels, seed, settings, negative_prompt, resume, on_step, steering) -> _Run:
+        """Encode the prompts and the conditioning, and set up the generator, the memory and the prompt track."""
+        opts = plan.opts
         first = resume.next_chunk if resume is not None else 0
         report = _reporter(on_step, first, plan.num_chunks)
         do_cfg = opts.guidance_scale > 1.0
@@ -214,7 +225,14 @@ class HeliosPipeline:
             if mode != "t2v":
                 report("image" if mode == "i2v" else "video")
             history = self._initial_history(opts, pixels, mode, generator)
-        return _Run(plan, texts, negative, history, generator, seed, first, settings)
+        track = PromptTrack(plan, texts, lambda text: self._encode_texts([text], opts))
+        if resume is not None:
+            track.replay(list(resume.prompts))
+        if steering is not None and isinstance(self.placement, Resident):
+            # Encode a change when it arrives, in the caller's thread. With offload the text encoder would have to
+            # visit the device while the transformer runs there, so the stream encodes it at the boundary instead.
+            steering.bind(track.encode)
+        return _Run(plan, track, steering, negative, history, generator, seed, first, settings)
 
     @torch.inference_mode()
     def _encode_texts(self, prompts: list[str], opts: SamplingOptions) -> torch.Tensor:
@@ -267,7 +285,7 @@ class HeliosPipeline:
     def _chunk(self, run: _Run, k: int, on_step) -> Chunk:
         plan, history, model = run.plan, run.history, self.transformer
         opts, start = plan.opts, time.perf_counter()
-        text = _blended_text(run.texts, *plan.blend(k))
+        text = run.track.text(k, run.steering.take() if run.steering is not None else None)
         noise = torch.randn(1, model.config.in_channels, opts.num_latent_frames_per_chunk, *plan.latent_size,
                             generator=run.generator).to(self.device)
         schedules = plan.stage_schedules(k)
@@ -289,9 +307,11 @@ class HeliosPipeline:
             on_step(StepInfo(k, plan.num_chunks, total, total, "decode"))
         with self.placement.on_device("vae"):
             frames = self.vae.postprocess(self.vae.decode(latents))[: plan.frames_in_chunk(k)]
-        state = GenerationState(history.copy(), run.generator.get_state(), k + 1, run.seed, run.settings)
+        records = tuple(run.track.records)
+        state = GenerationState(history.copy(), run.generator.get_state(), k + 1, run.seed, run.settings,
+                                prompts=records)
         timings = {"denoise_s": denoised - start, "decode_s": time.perf_counter() - denoised}
-        return Chunk(k, frames, latents, plan.num_chunks, timings, state)
+        return Chunk(k, frames, latents, plan.num_chunks, timings, state, records[-1])
 
 
 DEVICE_TYPES = ("cpu", "cuda")  # where the pipeline runs and is tested
@@ -326,12 +346,6 @@ def _reporter(on_step, chunk: int, num_chunks: int) -> Callable[[str], None]:
         return lambda phase: None
     return lambda phase: on_step(StepInfo(chunk, num_chunks, 0, 0, phase))
 
-
-def _blended_text(embeddings: torch.Tensor, a: int, b: int, w: float) -> torch.Tensor:
-    """embeddings [n_prompts, L, D] -> lerp(E_a, E_b, w) as [1, L, D]; exactly E_b when a == b."""
-    if a == b:
-        return embeddings[b : b + 1]
-    return torch.lerp(embeddings[a : a + 1], embeddings[b : b + 1], w)
 
 
 def _noised(latents, sigma_min, sigma_max, frames, generator):

@@ -1,13 +1,14 @@
 """Resumable generation: everything needed to continue a video after a chunk, saved to one file.
 
 The state holds the memory (history latents + anchor), the RNG state of the single generator every random draw
-comes from, the index of the next chunk, and the settings that determine the video (variant, resolved options with
-the seed, prompt schedule, negative prompt), so that a run can be continued from the state alone, and resuming with
-other settings is refused instead of silently producing a different video. An application keeps its own settings
-beside them in `metadata` (the `helios` command: the model, the output file, the video encoding).
+comes from, the index of the next chunk, the settings that determine the video (variant, resolved options with
+the seed, prompt schedule, negative prompt) and the prompt each chunk used (steering changes included), so that a
+run can be continued from the state alone, and resuming with other settings is refused instead of silently producing
+a different video. An application keeps its own settings beside them in `metadata` (the `helios` command: the model,
+the output file, the video encoding).
 
-The file is a torch.save archive read back with weights_only=True (no code runs on load); the settings and metadata
-are stored as JSON text in it, so that they need no pickling rules.
+The file is a torch.save archive read back with weights_only=True (no code runs on load); the settings, metadata
+and prompt records are stored as JSON text in it, so that they need no pickling rules.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class GenerationState:
     seed: int
     settings: dict  # run_settings(...): what determines the video, as JSON-able values
     metadata: dict = field(default_factory=dict)  # the application's own JSON-able settings, saved with the state
+    prompts: tuple[dict, ...] = ()  # per chunk made: the prompt it moved to, its weight, its steering change
 
     @property
     def schedule(self) -> list[tuple[str, int]]:
@@ -73,7 +75,7 @@ class GenerationState:
         path = Path(path)
         payload = {"format": FORMAT_VERSION, "history": self.history.state_dict(), "rng_state": self.rng_state,
                    "next_chunk": self.next_chunk, "seed": self.seed, "settings": json.dumps(self.settings),
-                   "metadata": json.dumps(self.metadata)}
+                   "metadata": json.dumps(self.metadata), "prompts": json.dumps(list(self.prompts))}
         buffer = io.BytesIO()
         torch.save(payload, buffer)
         tmp = None
@@ -112,7 +114,7 @@ class GenerationState:
         try:
             return cls(History.from_state_dict(payload["history"], device), payload["rng_state"],
                        int(payload["next_chunk"]), int(payload["seed"]), json.loads(payload["settings"]),
-                       json.loads(payload["metadata"]))
+                       json.loads(payload["metadata"]), tuple(json.loads(payload["prompts"])))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{path}: a damaged helios generation state ({type(err).__name__}: {err})") from err
 
