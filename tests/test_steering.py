@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helios import HeliosPipeline, SamplingOptions
-from helios.steering import Steering
+from helios import Steering
 from helios.tiny import build_tiny_model
 
 H, W = 64, 64  # the smallest size the tiny distilled model takes: the tiny VAE's decode dominates

@@ -16,6 +16,7 @@ _EXPORTS = {
     "HeliosPipeline": ".generate",
     "HeliosTransformer3DModel": ".model",
     "SamplingOptions": ".options",
+    "Steering": ".steering",
     "TransformerOutput": ".model",
     "Video": ".generate",
     "make_plan": ".plan",
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from .model import HeliosTransformer3DModel, TransformerOutput
     from .options import SamplingOptions
     from .plan import GenerationPlan, make_plan
+    from .steering import Steering
 
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

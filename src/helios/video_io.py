@@ -99,7 +99,7 @@ class VideoWriter:
         header, fragments = read_fragments(partial)
         if len(fragments) < chunks:
             raise ValueError(f"{partial} holds {len(fragments)} finished chunks, the state continues after {chunks}")
-        if header != _header(encode_chunk([np.zeros((settings.height, settings.width, 3), np.uint8)], 0, 0, settings)):
+        if header != stream_header(settings):
             raise ValueError(f"{partial} was written with another size, fps or codec than this run's")
         # Copy the kept prefix to a new file, then swap it in: the partial file is whole at every moment.
         fd, tmp = tempfile.mkstemp(dir=partial.parent, prefix=f".{partial.name}.")
@@ -121,8 +121,11 @@ class VideoWriter:
             raise
         return cls(output, settings, file, header, chunks, frames)
 
-    def write(self, frames: np.ndarray) -> None:
+    def write(self, frames: np.ndarray) -> bytes:
         """Append one chunk: uint8 frames [F, H, W, 3]. On return the chunk is on disk and the file plays.
+
+        Returns the bytes appended: the chunk's fragment, after the header for the first chunk of a new file (what
+        a live stream sends, see serve/).
 
         If the write fails (a full disk, a quota) or is interrupted (Ctrl-C, SIGTERM), the torn fragment is cut off
         again, so the file still ends with its last whole chunk and plays to its end; the error is raised with the
@@ -145,6 +148,7 @@ class VideoWriter:
             raise
         self.header = header
         self.chunks, self.frames = self.chunks + 1, self.frames + len(frames)
+        return data
 
     def _cut(self, size: int) -> None:
         try:
@@ -189,6 +193,20 @@ def encode_chunk(frames, first_frame: int, index: int, settings: VideoSettings) 
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
     return buffer.getvalue()
+
+
+def stream_header(settings: VideoSettings) -> bytes:
+    """The header (init segment) every chunk of a video with these settings starts with, from a 1-frame probe."""
+    return _header(encode_chunk([np.zeros((settings.height, settings.width, 3), np.uint8)], 0, 0, settings))
+
+
+def codec_string(header: bytes) -> str:
+    """The RFC 6381 codecs value of an H.264 header (`avc1.PPCCLL` from its avcC box), as MediaSource wants it."""
+    at = header.find(b"avcC")
+    if at < 0:
+        raise ValueError("no avcC box in the header: not H.264")
+    profile, constraints, level = header[at + 5 : at + 8]  # after configurationVersion
+    return f"avc1.{profile:02X}{constraints:02X}{level:02X}"
 
 
 def read_fragments(path: Path) -> tuple[bytes, list[tuple[int, int, int]]]:

@@ -41,6 +41,9 @@ examples:
 
   helios info {PUBLISHED[2]}
 
+  # serve an OpenAI-style video API, a live steerable stream and a web page on http://127.0.0.1:8000/
+  helios serve --model helios-tiny
+
 built-in models: {", ".join(BUILTIN_MODELS)} (tiny random weights; no download)
 """
 class _Parser(argparse.ArgumentParser):
@@ -89,7 +92,39 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--quick", action="store_true",
                       help="read no weights: check configs, file completeness and the transformer's names/shapes")
     info.set_defaults(run=_run_info)
+    serve = commands.add_parser("serve", parents=[common], help="serve a video API, a live stream and a web page",
+                                description="Serve the model over HTTP: OpenAI's /v1/videos API, a steerable live "
+                                "stream (WebSocket /v1/realtime/video, vLLM-Omni's protocol), and a web page at /. "
+                                "Jobs run one at a time, first come first served; they survive a restart with the "
+                                "same --data-dir.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _serve_arguments(serve)
+    serve.set_defaults(run=_run_serve)
     return parser
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="M",
+                   help=f"a model folder, a Hugging Face repo id, or a built-in model ({', '.join(BUILTIN_MODELS)})")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs an API "
+                   "key or --insecure)")
+    p.add_argument("--port", type=int, default=8000, help="(default 8000)")
+    p.add_argument("--api-key", metavar="K", help="require 'Authorization: Bearer K' on every route but /health "
+                   "(default: $HELIOS_API_KEY)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    p.add_argument("--data-dir", type=Path, metavar="DIR", help="where jobs and videos are kept; a restart with the "
+                   "same folder lists them and resumes unfinished ones (default: a helios-serve folder in the "
+                   "temporary directory)")
+    p.add_argument("--max-queue", type=_positive_int, default=16, metavar="N",
+                   help="jobs that may wait; more get HTTP 429 (default 16)")
+    p.add_argument("--max-seconds", type=_positive_fps, default=120, metavar="S",
+                   help="longest video a request may ask for, in seconds (default 120)")
+    p.add_argument("--max-upload-mb", type=_positive_int, default=50, metavar="N",
+                   help="largest input_reference upload (default 50)")
+    p.add_argument("--session-timeout", type=_positive_fps, default=60, metavar="S",
+                   help="close a live session with no generation progress and no ping for S seconds (default 60)")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                   help="transformer and text encoder dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -198,6 +233,12 @@ def _run_generate(args) -> int:
     from .generate import generate
 
     return generate(args)
+
+
+def _run_serve(args) -> int:
+    from .serve import serve
+
+    return serve(args)
 
 
 def _run_info(args) -> int:
