@@ -11,6 +11,8 @@ import pytest
 
 from servers import FAST, ServerProcess, decode, error_of, wait_for
 
+pytestmark = pytest.mark.slow  # the real server process
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

@@ -9,6 +9,8 @@ import pytest
 
 from servers import ServerProcess
 
+pytestmark = pytest.mark.slow  # the real server process
+
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if not (CHROMIUM and DRIVER) and not os.environ.get("CI"):  # CI installs them (.ci/run): there it must run
     pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",

@@ -1,8 +1,11 @@
 """Crash safety: SIGKILL the server in the middle of a job, start it again with the same --data-dir."""
 
 import httpx
+import pytest
 
 from servers import FAST, ServerProcess, decode, wait_for
+
+pytestmark = pytest.mark.slow  # the real server process
 
 
 def test_a_killed_server_resumes_its_jobs_and_makes_the_same_video(tmp_path):

@@ -4,8 +4,11 @@ server's memory does not grow."""
 import threading
 
 import httpx
+import pytest
 
 from servers import FAST, ServerProcess, decode, wait_for
+
+pytestmark = pytest.mark.slow  # the real server process
 
 CLIENTS, JOBS_EACH = 8, 3
 

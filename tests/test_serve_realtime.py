@@ -14,6 +14,8 @@ from websockets.sync.client import connect
 
 from servers import FAST, ServerProcess, decode, wait_for
 
+pytestmark = pytest.mark.slow  # the real server process
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

@@ -11,6 +11,8 @@ from websockets.sync.client import connect
 
 from servers import FAST, ServerProcess, error_of, wait_for
 
+pytestmark = pytest.mark.slow  # the real server process
+
 KEY = "s3cret-key"
 
 

@@ -28,6 +28,7 @@ def _steered(pipe, opts, changes, **kwargs):
     return chunks, steering
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("at, transition, n", [(2, 2, 3), (1, 0, 2)])
 def test_steering_at_chunk_k_gives_the_frames_of_the_equivalent_schedule(pipe, at, transition, n):
     opts = SamplingOptions(num_frames=33 * n, **FAST)
@@ -47,6 +48,7 @@ def test_steering_at_chunk_k_gives_the_frames_of_the_equivalent_schedule(pipe, a
     assert records[at]["weight"] == first and records[at]["change"]["chunk"] == at
 
 
+@pytest.mark.slow
 def test_the_last_update_before_a_boundary_wins(pipe):
     opts = SamplingOptions(num_frames=66, **FAST)
     chunks, steering = _steered(pipe, opts, {1: [("a green tree", 0, "e1"), ("a blue dog", 0, "e2")]})
@@ -55,6 +57,7 @@ def test_the_last_update_before_a_boundary_wins(pipe):
     assert chunks[1].prompt["change"]["event_id"] == "e2" and [c.event_id for c in steering.superseded] == ["e1"]
 
 
+@pytest.mark.slow
 def test_a_new_prompt_is_encoded_when_it_arrives(pipe, monkeypatch):
     steering = Steering()
     stream = pipe.stream("a red cat", SamplingOptions(num_frames=66, **FAST), steering=steering)
@@ -67,6 +70,7 @@ def test_a_new_prompt_is_encoded_when_it_arrives(pipe, monkeypatch):
     assert encoded == [["a blue dog"]]  # not again at the boundary
 
 
+@pytest.mark.slow
 def test_a_steered_run_resumes_identically_even_mid_transition(pipe, tmp_path):
     opts = SamplingOptions(num_frames=33 * 3, **FAST)
     full, _ = _steered(pipe, opts, {1: [("a blue dog", 3)], 2: [("a green tree", 2)]})

@@ -347,7 +347,6 @@ def _reporter(on_step, chunk: int, num_chunks: int) -> Callable[[str], None]:
     return lambda phase: on_step(StepInfo(chunk, num_chunks, 0, 0, phase))
 
 
-
 def _noised(latents, sigma_min, sigma_max, frames, generator):
     """sigma * eps + (1 - sigma) * latents with sigma ~ U[min, max], one per latent frame (the reference's draw order)."""
     sigma = torch.rand(frames, generator=generator) * (sigma_max - sigma_min) + sigma_min

@@ -33,11 +33,11 @@ def serve(args) -> int:
     from ..serve.jobs import Worker
     from ..serve.restore import restore_jobs
     from ..serve.storage import Store
-    from .generate import _device_and_dtype
+    from .checks import device_and_dtype
 
+    device, dtype = device_and_dtype(args)  # an unusable device is bad input, said before loading
     holder, model = open_model_folder(args.model)
     try:
-        device, dtype = _device_and_dtype(args)
         pipe = HeliosPipeline.from_pretrained(model, torch_dtype=dtype, device=device)
         store = Store(data_dir)
         worker = Worker(pipe, store, args.max_queue)

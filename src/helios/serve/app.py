@@ -89,6 +89,18 @@ def create_app(server: Server) -> FastAPI:
             raise ApiError(404, f"no such file: {name}", None, "not_found")
         return _static(name)
 
+    _video_routes(app, server, keyed)
+
+    @app.websocket("/v1/realtime/video")
+    async def realtime(websocket: WebSocket):
+        await realtime_session(websocket, server)
+
+    return BodyLimit(app, server.max_upload_bytes + 2**20)
+
+
+def _video_routes(app: FastAPI, server: Server, keyed: list) -> None:
+    """OpenAI's /v1/videos routes, and steering."""
+
     @app.post("/v1/videos", dependencies=keyed)
     async def create(request: Request):
         body, upload = await _body(request, server)
@@ -100,7 +112,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/videos/{video_id}", dependencies=keyed)
     def retrieve(video_id: str):
-        return JSONResponse(server.job(video_id).public(server.model_name), headers={"openai-poll-after-ms": POLL_AFTER_MS})
+        video = server.job(video_id).public(server.model_name)
+        return JSONResponse(video, headers={"openai-poll-after-ms": POLL_AFTER_MS})
 
     @app.delete("/v1/videos/{video_id}", dependencies=keyed)
     async def delete(video_id: str):
@@ -130,12 +143,6 @@ def create_app(server: Server) -> FastAPI:
         body = await _json(request)
         change = await run_in_threadpool(_steer, server, job, body)
         return {"object": "video.prompt_update", "video_id": video_id, "status": "queued", **change}
-
-    @app.websocket("/v1/realtime/video")
-    async def realtime(websocket: WebSocket):
-        await realtime_session(websocket, server)
-
-    return BodyLimit(app, server.max_upload_bytes + 2**20)
 
 
 def _error_handlers(app: FastAPI) -> None:

@@ -182,7 +182,10 @@ class Worker:
                 if job.cancel.is_set():
                     break
         finally:
-            writer.close() if job.cancel.is_set() or writer.chunks < plan.num_chunks else writer.finish()
+            if job.cancel.is_set() or writer.chunks < plan.num_chunks:
+                writer.close()  # keeps the partial video of a failed job (a cancelled one is removed with it)
+            else:
+                writer.finish()
         return "cancelled" if job.cancel.is_set() else "completed"
 
     def _media(self, job: Job) -> dict:

@@ -70,7 +70,8 @@ class _Session:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.alive = time.monotonic()  # the last progress or ping
         self.events: set[str] = set()
-        self.active_event: str | None = None
+        self.active_event: str | None = None  # the change of the last chunk sent
+        self.completed_event: str | None = None  # the last change reported complete
         self.reported_superseded = 0
         self.sent = 0
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -248,9 +249,9 @@ class _Session:
         if started and self.active_event and self.active_event != current:
             completed.append(self.active_event)  # replaced mid-transition
         active = [current] if current and chunk["prompt"]["weight"] < 1 else []
-        if current and chunk["prompt"]["weight"] == 1 and current != getattr(self, "_done_event", None):
+        if current and chunk["prompt"]["weight"] == 1 and current != self.completed_event:
             completed.append(current)
-            self._done_event = current
+            self.completed_event = current
         self.active_event = current
         return {"type": "video.chunk_metadata", "kind": "media", "request_id": self.job.id,
                 "num_frames": chunk["num_frames"], "byte_length": size, "transport_chunk_index": self.sent,
