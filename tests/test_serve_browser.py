@@ -101,3 +101,22 @@ def test_the_page_shows_errors_as_messages(server, browser):
     _wait(browser, "return window.helios.errors.length", what="an error message")
     error = browser.find_element("id", "error")
     assert error.is_displayed() and "multiple of 64" in error.text
+
+
+def test_with_an_api_key_the_page_works_with_the_key_as_a_basic_password(tmp_path, browser):
+    """A browser cannot send a bearer token when it opens a page: the server's 401 asks for Basic credentials, the
+    key as the password; the browser then sends them with the page's files and requests and its WebSocket."""
+    key = "page-key"
+    proc = ServerProcess(tmp_path / "keyed", "--api-key", key).start()
+    try:
+        browser.get(proc.url.replace("http://", f"http://helios:{key}@") + "/")
+        _wait(browser, "return document.getElementById('model').textContent === 'helios-tiny'", what="the model")
+        _fill(browser, "prompt", "a red fox")
+        _fill(browser, "size", "64x64")
+        _fill(browser, "seconds", "1")
+        browser.find_element("id", "start").click()
+        _wait(browser, "return window.helios.done", what="session.done over the keyed WebSocket")
+        assert browser.execute_script("return window.helios.errors") == []
+        assert len(browser.execute_script("return window.helios.chunks")) == 1
+    finally:
+        proc.stop()

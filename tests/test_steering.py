@@ -1,5 +1,7 @@
 """Steering a running stream: prompt changes at chunk boundaries, equal to prompt schedules, resumable."""
 
+import threading
+
 import pytest
 import torch
 
@@ -91,3 +93,26 @@ def test_a_steered_run_resumes_identically_even_mid_transition(pipe, tmp_path):
 def test_bad_changes_are_refused_naming_the_field(args, message):
     with pytest.raises(ValueError, match=message):
         Steering().set(*args)
+
+
+@pytest.mark.slow
+def test_steering_with_offload_encodes_at_the_boundary_and_makes_the_same_frames(pipe, tmp_path):
+    """With offload the text encoder must not visit the device while the transformer runs there: a change is encoded
+    by the stream at the next boundary instead of when it arrives, with the same frames."""
+    folder = build_tiny_model(tmp_path / "distilled", variant="distilled", seed=0)
+    offloaded = HeliosPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu", offload="model")
+    opts = SamplingOptions(num_frames=66, **FAST)
+    resident, _ = _steered(pipe, opts, {1: [("a blue dog", 0)]})
+    encoded_in = []
+    real = offloaded.text_encoder.encode
+    offloaded.text_encoder.encode = lambda *a, **k: encoded_in.append(threading.current_thread().name) or real(*a, **k)
+    steering = Steering()
+    chunks = []
+    for chunk in offloaded.stream("a red cat", opts, steering=steering):
+        chunks.append(chunk)
+        if chunk.index == 0:
+            setter = threading.Thread(target=steering.set, args=("a blue dog", 0), name="caller")
+            setter.start()
+            setter.join()
+    assert "caller" not in encoded_in and len(encoded_in) == 2  # the run's prompts, then the change, in the stream
+    assert all(torch.equal(a.frames, b.frames) for a, b in zip(chunks, resident)) and len(chunks) == 2

@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "Jobs run one at a time, first come first served; they survive a restart with the "
                                 "same --data-dir.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _serve_arguments(serve)
+    _memory_arguments(serve)
     serve.set_defaults(run=_run_serve)
     return parser
 
@@ -114,11 +115,11 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="where jobs and videos are kept; a restart with the "
                    "same folder lists them and resumes unfinished ones (default: a helios-serve folder in the "
                    "temporary directory)")
-    p.add_argument("--max-queue", type=_positive_int, default=16, metavar="N",
+    p.add_argument("--max-queue", type=checks.positive_int, default=16, metavar="N",
                    help="jobs that may wait; more get HTTP 429 (default 16)")
     p.add_argument("--max-seconds", type=_positive_fps, default=120, metavar="S",
                    help="longest video a request may ask for, in seconds (default 120)")
-    p.add_argument("--max-upload-mb", type=_positive_int, default=50, metavar="N",
+    p.add_argument("--max-upload-mb", type=checks.positive_int, default=50, metavar="N",
                    help="largest input_reference upload (default 50)")
     p.add_argument("--session-timeout", type=_positive_fps, default=60, metavar="S",
                    help="close a live session with no generation progress and no ping for S seconds (default 60)")

@@ -96,6 +96,15 @@ def device_and_dtype(args):
     return device, default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
 
 
+def text_encoder_device(args):
+    """--text-encoder-device as a torch device (checked before loading), or None: the text encoder goes with the rest."""
+    from ..generate import check_device
+
+    if args.text_encoder_device is None:
+        return None
+    return check_device(args.text_encoder_device, name="--text-encoder-device")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a `kill`, a job scheduler's time limit): ends the run as Ctrl-C does, keeping the finished chunks."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..folder import check_model_name, noise_notice, open_model
 from ..video_io import SUFFIXES, VideoSettings, VideoWriter, partial_path, to_uint8
-from .checks import check_flags, check_output, device_and_dtype
+from .checks import check_flags, check_output, device_and_dtype, text_encoder_device
 from .common import EXIT_INTERRUPTED, GenerationFailed, check_writable, quiet_libraries
 from .progress import Progress, peak_memory
 from .resume import command_settings, given_options, resolve_arguments
@@ -37,13 +37,13 @@ def generate(args) -> int:
     from ..plan import make_plan
 
     device, dtype = device_and_dtype(args)
-    text_encoder_device = _text_encoder_device(args)
+    encoder_device = text_encoder_device(args)
     with open_model(args.model) as model:
         # The plan checks the options against the model's config files before any weights are read.
         opts = state.options if state is not None else _options(args)  # resolved: given ones agree with them
         plan = make_plan(prompt, opts, model.variant, model.defaults, patch_size=model.patch_size)
         pipe = HeliosPipeline.from_pretrained(model, torch_dtype=dtype, device=device, offload=args.offload,
-                                              text_encoder_device=text_encoder_device)
+                                              text_encoder_device=encoder_device)
         if args.compile:
             from ..speed import compile_blocks
 
@@ -86,15 +86,6 @@ def _media(args) -> dict:
     if args.video is not None:
         return {"video": load_video(args.video, min_frames=SamplingOptions().window_frames, name="--video")}
     return {}
-
-
-def _text_encoder_device(args):
-    """--text-encoder-device as a torch device (checked before loading), or None: the text encoder goes with the rest."""
-    from ..generate import check_device
-
-    if args.text_encoder_device is None:
-        return None
-    return check_device(args.text_encoder_device, name="--text-encoder-device")
 
 
 def _generate_to_file(pipe, args, plan, media: dict, state, notice: str | None) -> int:

@@ -33,12 +33,14 @@ def serve(args) -> int:
     from ..serve.jobs import Worker
     from ..serve.restore import restore_jobs
     from ..serve.storage import Store
-    from .checks import device_and_dtype
+    from .checks import device_and_dtype, text_encoder_device
 
     device, dtype = device_and_dtype(args)  # an unusable device is bad input, said before loading
+    encoder_device = text_encoder_device(args)
     holder, model = open_model_folder(args.model)
     try:
-        pipe = HeliosPipeline.from_pretrained(model, torch_dtype=dtype, device=device)
+        pipe = HeliosPipeline.from_pretrained(model, torch_dtype=dtype, device=device, offload=args.offload,
+                                              text_encoder_device=encoder_device)
         store = Store(data_dir)
         worker = Worker(pipe, store, args.max_queue)
         server = Server(pipe, model, args.model, store, worker, key, float(args.max_seconds), args.max_upload_mb * 2**20,

@@ -197,7 +197,9 @@ class Worker:
         return {"video": load_video(path, min_frames=job.plan.window_frames)}
 
     def _step(self, job: Job, info) -> bool:
-        job.progress = min(99, int(100 * (info.chunk + info.step / info.steps) / info.num_chunks))
+        """on_step: progress from the denoising steps (the other phases' events have no steps: 0 for the chunk)."""
+        done = info.step / info.steps if info.steps else 0.0
+        job.progress = min(99, int(100 * (info.chunk + done) / info.num_chunks))
         return job.cancel.is_set()
 
     def _chunk(self, job: Job, writer: VideoWriter, chunk) -> None:

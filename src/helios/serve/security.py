@@ -2,7 +2,9 @@
 
 - An API key (--api-key or HELIOS_API_KEY) guards every route but GET /health: `Authorization: Bearer KEY`, for the
   WebSocket too (browsers cannot set that header on a WebSocket, so it also takes OpenAI's subprotocol form
-  `openai-insecure-api-key.KEY`). Keys are compared in constant time.
+  `openai-insecure-api-key.KEY`). A browser opening the page cannot send a bearer token either: a 401 asks it for
+  HTTP Basic credentials (any user name, the key as the password), which it then sends with the page's requests
+  and its WebSocket. Keys are compared in constant time.
 - Without a key the server binds loopback addresses only, unless --insecure says otherwise (cli/serve.py).
 - Request bodies are bounded: a declared Content-Length over the limit is refused before it is read, and a body
   without one is counted as it arrives.
@@ -10,6 +12,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import ipaddress
 
@@ -31,15 +35,26 @@ def key_matches(expected: str | None, headers, subprotocols=()) -> bool:
     if not expected:
         return True
     given = headers.get("authorization", "")
-    candidates = [given[7:]] if given[:7].lower() == "bearer " else []
+    scheme, _, credentials = given.partition(" ")
+    candidates = [credentials] if scheme.lower() == "bearer" else []
+    if scheme.lower() == "basic":  # a browser's: user:KEY, any user name
+        candidates += [_basic_password(credentials)]
     candidates += [p[len(KEY_SUBPROTOCOL):] for p in subprotocols if p.startswith(KEY_SUBPROTOCOL)]
     # compare_digest on bytes: constant time in the key's content (a str must be ASCII)
     return any(hmac.compare_digest(c.encode(), expected.encode()) for c in candidates)
 
 
+def _basic_password(credentials: str) -> str:
+    try:
+        return base64.b64decode(credentials.strip(), validate=True).decode().partition(":")[2]
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+
+
 def unauthorized() -> ApiError:
+    # The Basic challenge lets a browser ask its user for the key (as the password); API clients send a bearer token.
     return ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'", None,
-                    "invalid_api_key", "authentication_error")
+                    "invalid_api_key", "authentication_error", {"WWW-Authenticate": 'Basic realm="helios serve"'})
 
 
 class BodyLimit:

@@ -9,7 +9,8 @@ window.helios = state;
 
 let ws = null, mediaSource = null, buffer = null, pending = [], parts = [], finished = false;
 
-fetch("/health").then((r) => r.json()).then((h) => { $("model").textContent = h.model; }).catch(() => {});
+// location.origin, not a relative URL: fetch refuses URLs with credentials (a page opened as http://user:key@host/).
+fetch(new URL("/health", location.origin)).then((r) => r.json()).then((h) => { $("model").textContent = h.model; }).catch(() => {});
 
 function showError(message) {
   state.errors.push(message);
