@@ -23,20 +23,31 @@ from .schedule import (
 
 # velocity(x, timestep [B], text) -> model output v [B, C, T, h, w]
 Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# pair(model, x, t, text, negative_text) -> (v_cond, v_uncond): the two passes of classifier-free guidance
+GuidancePair = Callable[[Velocity, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                        tuple[torch.Tensor, torch.Tensor]]
+
+
+def serial_pair(model: Velocity, x, t, text, negative_text) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both guidance passes, one after the other, here (parallel.CfgParallel runs them on two groups of processes)."""
+    return model(x, t, text), model(x, t, negative_text)
 
 
 class Cancelled(Exception):
     """Raised inside a chunk when the caller asked to stop; the stream ends without a partial chunk."""
 
 
-def guided_velocity(model: Velocity, text, negative_text, variant: Variant, opts: SamplingOptions):
-    """Wrap the model with the variant's guidance. Returns velocity(x, t, stage, step)."""
-    scale = opts.guidance_scale
+def guided_velocity(model: Velocity, text, negative_text, variant: Variant, opts: SamplingOptions,
+                    pair: GuidancePair | None = None):
+    """Wrap the model with the variant's guidance. Returns velocity(x, t, stage, step).
+
+    `pair` computes the conditional and unconditional velocities (default: serial_pair)."""
+    scale, pair = opts.guidance_scale, pair or serial_pair
     if scale <= 1.0 or negative_text is None:  # the reference's do_classifier_free_guidance
         return lambda x, t, stage, step: model(x, t, text)
 
     def velocity(x, t, stage, step):
-        v_cond, v_uncond = model(x, t, text), model(x, t, negative_text)
+        v_cond, v_uncond = pair(model, x, t, text, negative_text)
         if variant.is_cfg_zero_star:
             zero = zero_init_applies(stage, step, opts.zero_steps, opts.use_zero_init)
             return cfg_zero_star(v_cond, v_uncond, scale, zero_init=zero)

@@ -79,6 +79,14 @@ class ModelFolder:
         path = self.component("transformer") / "config.json"
         return HeliosConfig.from_dict(read_json(path), source=str(path)).patch_size
 
+    @property
+    def attention_heads(self) -> int:
+        """The transformer's attention heads, from its config.json (sequence parallelism splits them)."""
+        from .config import HeliosConfig
+
+        path = self.component("transformer") / "config.json"
+        return HeliosConfig.from_dict(read_json(path), source=str(path)).num_attention_heads
+
     def check_weight_files(self) -> None:
         """Check that every safetensors file is whole (its header, and the size that header promises), reading
         no weights: a truncated file fails now, naming itself, not after the components before it have loaded."""

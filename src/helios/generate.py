@@ -87,6 +87,7 @@ class HeliosPipeline:
         self.folder = folder  # where the components were loaded from, if anywhere
         self._holder = None  # keeps a built-in model's temporary folder alive as long as the pipeline
         self.placement = Resident(transformer)  # which component is on the device when (offload.py)
+        self.guidance_pair = None  # how the two CFG passes run: None is one after the other (parallel.py sets it)
 
     @classmethod
     def from_pretrained(cls, model, torch_dtype=None, device=None, vae_dtype=torch.float32, offload=None,
@@ -294,7 +295,7 @@ class HeliosPipeline:
         def transformer(x, t, context):
             return model(x, t, context, **memory, return_dict=False)[0]
 
-        velocity = guided_velocity(transformer, text, run.negative, self.variant, opts)
+        velocity = guided_velocity(transformer, text, run.negative, self.variant, opts, self.guidance_pair)
         total, done = sum(len(s) for s in schedules), iter(range(1, 1 + sum(len(s) for s in schedules)))
         step_hook = None if on_step is None else (lambda: bool(on_step(StepInfo(k, plan.num_chunks, next(done), total))))
         with self.placement.on_device("transformer"):

@@ -48,6 +48,23 @@ class TokenLayout:
         return TokenLayout(0, self.current)
 
 
+class WholeSequence:
+    """Where a forward's tokens live: all of them on this device. The model hands its token parts to `split` after
+    the patch embeddings and its output to `gather` after the output head. Sequence parallelism (parallel.py) puts a
+    placement that keeps one process's share of the tokens in its stead; the model itself never knows."""
+
+    def split(self, parts: list[torch.Tensor], rope: torch.Tensor, split_timestep: bool):
+        """parts: [B, L_i, D] tokens in sequence order, the current chunk's last; rope [B, L, 1, head_dim/2] for
+        all of them. Returns (h [B, L, D], rope, the TokenLayout of h)."""
+        h = torch.cat(parts, dim=1).contiguous()
+        current = parts[-1].shape[1]
+        return h, rope, TokenLayout(h.shape[1] - current, current, split_timestep=split_timestep)
+
+    def gather(self, out: torch.Tensor) -> torch.Tensor:
+        """The output head's result for the current tokens this device holds -> for all current tokens."""
+        return out
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Pure functions
 

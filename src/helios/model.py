@@ -24,8 +24,8 @@ from .layers import (
     ConditionEmbedder,
     Linear,
     OutputNorm,
-    TokenLayout,
     TransformerBlock,
+    WholeSequence,
     grid_to_tokens,
     pad_replicate,
     rope_table,
@@ -90,6 +90,8 @@ class HeliosTransformer3DModel(nn.Module):
         self.blocks = nn.ModuleList([TransformerBlock(cfg, dim) for _ in range(cfg.num_layers)])
         self.norm_out = OutputNorm(dim, cfg.eps)
         self.proj_out = Linear(dim, cfg.output_channels * math.prod(patch))
+        # Where a forward's tokens live: all on this device; parallel.py swaps in one process's share.
+        self.placement = WholeSequence()
 
     # The familiar entry points. Checkpoint IO lives in weights.py, which never imports this module: it is handed
     # the class to build, so there is no import cycle, and this file holds the model's math only.
@@ -160,11 +162,9 @@ class HeliosTransformer3DModel(nn.Module):
             h1, w1 = latents.shape[-2] // ph, latents.shape[-1] // pw  # the memory's grid at patch resolution
             tokens.insert(0, grid_to_tokens(embedded))
             rope_terms.insert(0, (self._index_rows(indices, batch), h1, w1, factor))
-        h = torch.cat(tokens, dim=1).contiguous()  # [B, L, D]
         cfg = self.config
-        rope = rope_table(tuple(rope_terms), cfg.rope_dim, cfg.rope_theta, str(h.device))  # [B, L, 1, head_dim/2]
-        n_cur = frames * height * width
-        layout = TokenLayout(h.shape[1] - n_cur, n_cur, split_timestep=cfg.zero_history_timestep)
+        rope = rope_table(tuple(rope_terms), cfg.rope_dim, cfg.rope_theta, str(current.device))  # [B, L, 1, hd/2]
+        h, rope, layout = self.placement.split(tokens, rope, cfg.zero_history_timestep)  # h [B, L, D]
 
         text = self.condition_embedder.text_embedder(encoder_hidden_states.to(dtype))
         temb, proj = self.condition_embedder.embed_time(timestep, dtype)
@@ -176,7 +176,7 @@ class HeliosTransformer3DModel(nn.Module):
         for i, block in enumerate(self.blocks):
             h = block(h, text, layout, projs, rope, last=i == len(self.blocks) - 1)  # last: current tokens only
 
-        out = self.proj_out(self.norm_out(h, temb))  # [B, n_cur, pt*ph*pw*C]
+        out = self.placement.gather(self.proj_out(self.norm_out(h, temb)))  # [B, T'*H'*W', pt*ph*pw*C]
         out = out.reshape(batch, frames, height, width, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         out = out.reshape(batch, out.shape[1], frames * pt, height * ph, width * pw)
         return TransformerOutput(sample=out) if return_dict else (out,)

@@ -82,16 +82,18 @@ PIPELINES = {
 }
 
 
-def build_tiny_model(folder: str | Path, variant: str = "distilled", seed: int = 0) -> Path:
-    """Write a tiny model of `variant` ("base", "mid" or "distilled") to `folder`; same seed, same bytes."""
+def build_tiny_model(folder: str | Path, variant: str = "distilled", seed: int = 0, **transformer) -> Path:
+    """Write a tiny model of `variant` ("base", "mid" or "distilled") to `folder`; same seed, same bytes.
+
+    Keyword arguments change the transformer's config (TINY_TRANSFORMER), e.g. num_attention_heads=4."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pipeline, flags, (scheduler, scheduler_config) = PIPELINES[variant]
 
-    transformer = _seeded(lambda: HeliosTransformer3DModel(HeliosConfig(**TINY_TRANSFORMER)), seed)
-    transformer.save_pretrained(folder / "transformer")
+    config = HeliosConfig(**{**TINY_TRANSFORMER, **transformer})
+    _seeded(lambda: HeliosTransformer3DModel(config), seed).save_pretrained(folder / "transformer")
     _build_vae(seed + 1).save_pretrained(folder / "vae")
     _build_text_encoder(seed + 2).save_pretrained(folder / "text_encoder")
     _build_tokenizer().save_pretrained(folder / "tokenizer")

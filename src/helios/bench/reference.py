@@ -5,6 +5,7 @@
     python -m helios.bench load [--layers 6]
     python -m helios.bench memory [--cases ...]     (offload="blocks" vs resident host memory: see memory.py)
     python -m helios.bench phases [--model helios-tiny]   (ours only: the README's first command, phase by phase)
+    python -m helios.bench parallel [--processes 1 2 4]   (helios/bench/parallel.py: no reference involved)
 
 The reference is the oracle of the test suite (`pip install -e ".[test]"`); this module is the only one of the
 package that imports it, for comparison. Runs alternate A B A B and report medians and the ratio ours / reference.
@@ -384,6 +385,8 @@ def parser() -> argparse.ArgumentParser:
                         "only)")
     ph.add_argument("--model", default="helios-tiny")
     ph.add_argument("--runs", type=int, default=3, help="fresh processes of the whole command (default 3)")
+    sub.add_parser("parallel", add_help=False, help="sequence parallelism on 1, 2, 4 processes: time per step, "
+                   "bytes moved (python -m helios.bench parallel --help)")
     ld = sub.add_parser("_load", add_help=False)
     ld.add_argument("impl")
     ld.add_argument("folder")
@@ -392,6 +395,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["parallel"]:  # not a comparison with the reference: its own module and options
+        from .parallel import main as parallel_main
+
+        return parallel_main(argv[1:])
     args = parser().parse_args(argv)
     args.argv = argv
     if getattr(args, "peak_of", None):

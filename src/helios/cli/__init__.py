@@ -9,6 +9,7 @@ heavy (paths, the model name, sizes), then writes the pipeline's chunks to a vid
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -39,6 +40,9 @@ examples:
   # a GPU with 24 GB or less: stream the transformer's blocks (README: Low memory)
   helios generate --model {PUBLISHED[2]} --prompt "..." --offload blocks --output fox.mp4
 
+  # one video on 8 GPUs: each process holds 1/8 of the tokens; --cfg-parallel (Base, Mid) splits guidance's passes
+  torchrun --nproc-per-node 8 -m helios generate --model {PUBLISHED[0]} --prompt "..." --cfg-parallel --output fox.mp4
+
   helios info {PUBLISHED[2]}
 
   # serve an OpenAI-style video API, a live steerable stream and a web page on http://127.0.0.1:8000/
@@ -66,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = " ".join(str(err).split()) or type(err).__name__
-        print(f"helios: error: {message}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under torchrun every process reports its own failure
+        print(f"helios{'' if rank == '0' else f' (rank {rank})'}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT if isinstance(err, BAD_INPUT) else EXIT_FAILURE
     finally:
         if previous is not None:
@@ -196,6 +201,7 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
                    "run's choice)")
     s.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks, for GPUs (the first "
                    "chunk at each resolution waits for the compiler; on a CPU it gains nothing)")
+    _parallel_arguments(p)
     r = p.add_argument_group("long runs and output")
     r.add_argument("--state", type=Path, metavar="PATH", help="save the generation state here after every chunk")
     r.add_argument("--resume", type=Path, metavar="PATH", help="continue an interrupted run from its --state file; "
@@ -216,6 +222,15 @@ def _memory_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--text-encoder-device", metavar="DEVICE",
                    help="run the text encoder here for good, e.g. cpu (then it needs no GPU memory; it runs once per "
                    "prompt). Default: --device")
+
+
+def _parallel_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several GPUs (under torchrun --nproc-per-node N; see the README)")
+    g.add_argument("--cfg-parallel", action="store_true",
+                   help="run the two passes of classifier-free guidance (Base, Mid) on two halves of the processes, "
+                   "each half splitting the tokens among its own (needs an even number of processes)")
+    g.add_argument("--dist-timeout", type=checks.positive_int, default=600, metavar="S",
+                   help="seconds a process waits for the others before it gives up with an error (default 600)")
 
 
 def _positive_fps(text: str):

@@ -8,9 +8,11 @@ is created; only then is a file written. After a failure or Ctrl-C the partial f
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 from ..folder import check_model_name, noise_notice, open_model
+from ..launch import check_launch, process_device, process_group, rank, world_size
 from ..video_io import SUFFIXES, VideoSettings, VideoWriter, partial_path, to_uint8
 from .checks import check_flags, check_output, device_and_dtype, text_encoder_device
 from .common import EXIT_INTERRUPTED, GenerationFailed, check_writable, quiet_libraries
@@ -21,7 +23,8 @@ from .resume import command_settings, given_options, resolve_arguments
 def generate(args) -> int:
     check_flags(args)
     state = resolve_arguments(args)  # with --resume, the saved run's settings fill in what is left out
-    check_output(args)
+    if rank() == 0:  # under torchrun only rank 0 writes (on its own machine)
+        check_output(args)
     _check_paths(args)
     check_model_name(args.model)
     from ..prompts import read_schedule
@@ -33,6 +36,8 @@ def generate(args) -> int:
                   if args.prompt_schedule else args.prompt)
     media = {} if state else _media(args)  # a resumed run finds the conditioning in its saved memory
     quiet_libraries(args.debug)
+    if rank() != 0:  # under torchrun, rank 0 speaks for all
+        warnings.simplefilter("ignore")
     from ..generate import HeliosPipeline  # the heavy imports (transformers, diffusers) after the cheap checks
     from ..plan import make_plan
 
@@ -42,23 +47,40 @@ def generate(args) -> int:
         # The plan checks the options against the model's config files before any weights are read.
         opts = state.options if state is not None else _options(args)  # resolved: given ones agree with them
         plan = make_plan(prompt, opts, model.variant, model.defaults, patch_size=model.patch_size)
-        pipe = HeliosPipeline.from_pretrained(model, torch_dtype=dtype, device=device, offload=args.offload,
-                                              text_encoder_device=encoder_device)
-        if args.compile:
-            from ..speed import compile_blocks
+        check_launch(world_size(), model.attention_heads, args.cfg_parallel, plan.opts.guidance_scale)
+        device = process_device(device)  # under torchrun: this process's GPU
+        with process_group(device, args.dist_timeout) as several:  # under torchrun: one video, all processes
+            pipe = _load(HeliosPipeline, model, args, (device, dtype, encoder_device), several)
+            if rank() != 0:
+                return _follow(pipe, args, plan, media, state)
+            notice = noise_notice(args.model) if model.builtin and not args.quiet else None
+            return _generate_to_file(pipe, args, plan, media, state, notice)
 
-            compile_blocks(pipe.transformer)
-        notice = noise_notice(args.model) if model.builtin and not args.quiet else None
-        return _generate_to_file(pipe, args, plan, media, state, notice)
+
+def _load(pipeline_class, model, args, placement, several: bool):
+    """The pipeline on `placement` (device, dtype, text encoder device), parallelized when the launch has several
+    processes, compiled with --compile."""
+    device, dtype, encoder_device = placement
+    pipe = pipeline_class.from_pretrained(model, torch_dtype=dtype, device=device, offload=args.offload,
+                                          text_encoder_device=encoder_device)
+    if several:
+        from ..parallel import parallelize_pipeline
+
+        parallelize_pipeline(pipe, cfg_parallel=args.cfg_parallel)
+    if args.compile:
+        from ..speed import compile_blocks
+
+        compile_blocks(pipe.transformer)
+    return pipe
 
 
 def _check_paths(args) -> None:
     if args.output.suffix.lower() not in SUFFIXES:
         raise ValueError(f"--output {args.output}: videos are written as MP4, give a name ending in .mp4")
-    check_writable(args.output, "--output")
-    for flag in ("state", "resume"):  # a resumed run keeps saving its state to the --resume file
-        if getattr(args, flag) is not None:
-            check_writable(getattr(args, flag), f"--{flag}")
+    writes = [("output", args.output), ("state", args.state), ("resume", args.resume)]  # --resume: saved there too
+    for flag, path in writes if rank() == 0 else []:  # under torchrun only rank 0 writes (on its own machine)
+        if path is not None:
+            check_writable(path, f"--{flag}")
     for flag in ("image", "video", "prompt_schedule"):
         path = getattr(args, flag)
         if path is not None and not path.is_file():
@@ -89,8 +111,6 @@ def _media(args) -> dict:
 
 
 def _generate_to_file(pipe, args, plan, media: dict, state, notice: str | None) -> int:
-    from ..options import DEFAULT_NEGATIVE_PROMPT
-
     num_chunks, total, opts = plan.num_chunks, plan.num_frames, plan.opts
     first = state.next_chunk if state is not None else 0
     done = plan.frames_before(first)
@@ -101,12 +121,8 @@ def _generate_to_file(pipe, args, plan, media: dict, state, notice: str | None) 
         return 0
     if notice:  # the options are checked by now: this run will generate
         print(f"helios: note: {notice}", file=sys.stderr)
-    if state is not None:  # the run's own (a --negative-prompt given agrees with it)
-        negative = state.negative_prompt
-    else:
-        negative = DEFAULT_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
     try:  # encodes the prompts (and the image or video), reporting it: the bar appears
-        stream = pipe.stream(plan, negative_prompt=negative, resume=state, on_step=progress.step, **media)
+        stream = _stream(pipe, args, plan, media, state, progress.step) if first < num_chunks else iter(())
         writer = _open_writer(args, opts, first if state is not None else None, done)
     except BaseException:
         progress.close()
@@ -133,6 +149,25 @@ def _generate_to_file(pipe, args, plan, media: dict, state, notice: str | None) 
         "fps": round(progress.fps, 3), "peak_memory": peak_memory(pipe.device), "seed": seed,
         "state": None if state_path is None else str(state_path),
     })
+    return 0
+
+
+def _stream(pipe, args, plan, media: dict, state, on_step):
+    from ..options import DEFAULT_NEGATIVE_PROMPT
+
+    if state is not None:  # the run's own (a --negative-prompt given agrees with it)
+        negative = state.negative_prompt
+    else:
+        negative = DEFAULT_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
+    return pipe.stream(plan, negative_prompt=negative, resume=state, on_step=on_step, **media)
+
+
+def _follow(pipe, args, plan, media: dict, state) -> int:
+    """Ranks other than 0 under torchrun: take part in every step, write and print nothing (rank 0 does)."""
+    if state is not None and state.next_chunk >= plan.num_chunks:  # nothing left: rank 0 only finishes the file
+        return 0
+    for _ in _stream(pipe, args, plan, media, state, None):
+        pass
     return 0
 
 
