@@ -29,6 +29,7 @@ class Case:
     cfg_parallel: bool = False
     image: bool = False  # I2V, else T2V
     options: dict = field(default_factory=dict)
+    offload: str | None = None  # HeliosPipeline.from_pretrained's
 
     def opts(self) -> SamplingOptions:
         return SamplingOptions(**{**STEPS, "height": 64, "width": 64, "num_frames": 33, **self.options})
@@ -42,6 +43,8 @@ CASES = {
     "mid_cfg_parallel_t2v": Case("mid", cfg_parallel=True),
     "distilled_t2v_two_chunks": Case("distilled", options=dict(num_frames=66)),
     "distilled_i2v": Case("distilled", image=True),
+    # two capabilities that take a model, together: blocks streamed from the checkpoint, and sequence parallelism
+    "distilled_t2v_offload_blocks": Case("distilled", offload="blocks"),
 }
 RESUMED = "distilled_t2v_two_chunks"  # also resumed from its state after chunk 0
 
@@ -55,7 +58,8 @@ def still_image() -> np.ndarray:
 def load(models: Path, case: Case) -> HeliosPipeline:
     """The case's pipeline. The tests compare latents, so the VAE decode (a second per chunk, the bulk of the time
     here) is replaced by a stand-in that returns black frames and counts its calls (`pipe.vae.decodes`)."""
-    pipe = HeliosPipeline.from_pretrained(models / case.variant, torch_dtype=torch.float32, device="cpu")
+    pipe = HeliosPipeline.from_pretrained(models / case.variant, torch_dtype=torch.float32, device="cpu",
+                                          offload=case.offload)
     vae, calls = pipe.vae, []
 
     def decode(latents):
@@ -93,6 +97,7 @@ def main(models: Path, out: Path) -> None:
             "text_encodes": encodes(), "decodes": len(pipe.vae.vae.decodes),
             "frames": [c.frames.shape[0] for c in chunks],
             "text_encoder_kept": pipe.text_encoder.encoder is not None,
+            "text_encoder_moved": "text_encoder" in getattr(pipe.placement, "host", {}),  # offload's to move
             "tokens_held": list(pipe.transformer.placement.local_lengths),
             "checksum": float(latents.double().sum()), "bytes": latents.numpy().tobytes().hex()[:64],
         }

@@ -49,6 +49,9 @@ class Resident:
     def on_device(self, name: str):
         yield
 
+    def drop(self, name: str) -> None:
+        """Nothing to let go of: nothing is moved."""
+
 
 class ComponentOffload:
     """Components on the host, each on `device` only inside `on_device(name)`; the others are moved out first."""
@@ -76,6 +79,12 @@ class ComponentOffload:
             self.move(name, "host")
             for other in evicted:  # a phase nested in another (a prompt encoded mid-chunk) gives the device back
                 self.move(other, "device")
+
+    def drop(self, name: str) -> None:
+        """Stop moving component `name` and let go of its host tensors: a process that no longer runs it (under
+        parallel.py the ranks other than 0 receive the text embeddings instead of encoding them)."""
+        self.host.pop(name, None)
+        self.modules.pop(name, None)
 
     def move(self, name: str, to: str) -> None:
         """Put component `name`'s tensors on the device (`to="device"`) or back on the host (`to="host"`)."""

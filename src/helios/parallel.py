@@ -45,9 +45,15 @@ def parallelize(model, group=None):
                          f"{heads})")
     model.placement = shards
     attention = UlyssesAttention(shards)
-    for block in model.blocks:
+    for block in _block_modules(model):
         block.attn1.attention = attention
     return model
+
+
+def _block_modules(model) -> list:
+    """The modules that compute the model's blocks: the blocks, or with offload="blocks" their stream's slots."""
+    streams = {id(b.stream): b.stream for b in model.blocks if hasattr(b, "stream")}  # stream_blocks.StreamedBlock
+    return [b for b in model.blocks if not hasattr(b, "stream")] + [m for s in streams.values() for m in s.modules()]
 
 
 class SequenceShards:
@@ -181,6 +187,8 @@ def parallelize_pipeline(pipe, cfg_parallel: bool = False):
         pipe.guidance_pair = CfgParallel(mesh.get_group("cfg"))
     parallelize(pipe.transformer, sequence_group)
     pipe.text_encoder = SharedTextEncoder(pipe.text_encoder, rank == 0, pipe.device)
+    if rank != 0:
+        pipe.placement.drop("text_encoder")  # with offload: no more moving an encoder that never runs here
     pipe.vae = RankZeroDecoder(pipe.vae, rank == 0)
     return sequence_group
 

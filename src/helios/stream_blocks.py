@@ -132,6 +132,11 @@ class BlockStream:
     def release(self, slot: _Slot) -> None:
         slot.free, slot.busy = self.copies.computed(), False
 
+    def modules(self) -> list[nn.Module]:
+        """The block modules this stream computes with, and the template later slots are copied from: a change made
+        to each of them (parallel.py swaps the attention) holds for every block."""
+        return [self.template, *(slot.module for slot in self.slots)]
+
     def compile(self, *args, **kwargs) -> None:
         if self._compile is None:
             self._compile = (args, kwargs)
