@@ -7,6 +7,7 @@ and the single-process results are computed meanwhile. The fast tests run in thi
 parallel code path on a group of one, and the checks the command makes before a launch.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -112,6 +113,33 @@ def test_the_command_refuses_a_launch_that_cannot_work(world, flags, message, tm
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("world, given, expected", [
+    ("4", [], True), ("2", [], True), ("3", [], False), (None, [], False), ("4", ["--no-cfg-parallel"], False),
+])
+def test_a_resumed_run_keeps_cfg_parallel_where_the_launch_allows_it(world, given, expected, tmp_path, monkeypatch):
+    """--resume STATE alone under torchrun: the state (saved by rank 0, read by every process) says the run used
+    --cfg-parallel; a launch of an even number of processes keeps it, a single process or an odd count goes on
+    without (the latents are the same either way), and --no-cfg-parallel turns it off."""
+    from helios.cli import build_parser
+    from helios.cli.resume import resolve_arguments
+    from helios.history import History
+    from helios.state import GenerationState, run_settings
+
+    opts = parallel_cases.Case("base").opts()
+    settings = run_settings("base", {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)},
+                            [("a fox", 1)], None)
+    state = GenerationState(History.empty(1, 16, 8, 8), torch.Generator().get_state(), 1, 11, settings,
+                            {"model": "helios-tiny-base", "cfg_parallel": True})
+    state.save(tmp_path / "fox.state")
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    args = build_parser().parse_args(["generate", "--resume", str(tmp_path / "fox.state"), *given])
+    resolve_arguments(args)
+    assert args.cfg_parallel is expected and args.model == "helios-tiny-base"
+
+
 # -- slow: real processes --------------------------------------------------------------------------------------------
 
 
@@ -204,8 +232,9 @@ def test_a_rank_that_dies_stops_the_others_and_torchrun_resumes_the_video(tmp_pa
     """Two `helios generate` processes started as torchrun starts them (the environment variables; rank 0 by the
     console script as `torchrun --no-python helios` does, rank 1 as `python -m helios`). Rank 1 is killed once rank
     0 has written chunk 0; rank 0 must fail well inside the timeout and keep what it wrote. Then
-    `torchrun -m helios generate ... --resume` on two processes (every one loads the state) finishes the video,
-    which equals the single process's."""
+    `torchrun -m helios generate --resume fox.state` on two processes, the state alone (rank 0 saved it with the
+    command's settings; every process reads them and the memory from it), finishes the video, which equals the
+    single process's."""
     env = {**ENV, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
     programs = [[str(Path(sys.executable).parent / "helios")], [sys.executable, "-m", "helios"]]
@@ -224,12 +253,13 @@ def test_a_rank_that_dies_stops_the_others_and_torchrun_resumes_the_video(tmp_pa
             p.kill()
             p.wait()
     assert procs[0].returncode == 1 and waited < 60, (waited, err)
-    assert "helios: error: generation failed after 1 chunks" in err and "--resume fox.state" in err, err
+    assert "helios: error: generation failed after 1 chunks" in err, err
+    assert "continue with: helios generate --resume fox.state (under torchrun like this run" in err, err
     assert out == "" and procs[1].stdout.read() == ""  # rank 1 never printed progress
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fox.partial.mp4", "fox.state"]
 
-    resume = subprocess.Popen([*TORCHRUN, "--nproc-per-node=2", "-m", "helios", "generate", *FAST,
-                               "--resume", "fox.state"], cwd=tmp_path, env=ENV, text=True,
+    resume = subprocess.Popen([*TORCHRUN, "--nproc-per-node=2", "-m", "helios", "generate", "--resume", "fox.state",
+                               "--json", "--dist-timeout", "60"], cwd=tmp_path, env=ENV, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:  # the single process's video, while the launch starts
         opts = SamplingOptions(height=64, width=128, pyramid_num_inference_steps_list=(1, 1, 1),

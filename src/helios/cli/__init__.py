@@ -226,9 +226,10 @@ def _memory_arguments(p: argparse.ArgumentParser) -> None:
 
 def _parallel_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("several GPUs (under torchrun --nproc-per-node N; see the README)")
-    g.add_argument("--cfg-parallel", action="store_true",
+    g.add_argument("--cfg-parallel", action=argparse.BooleanOptionalAction,
                    help="run the two passes of classifier-free guidance (Base, Mid) on two halves of the processes, "
-                   "each half splitting the tokens among its own (needs an even number of processes)")
+                   "each half splitting the tokens among its own (needs an even number of processes; with --resume, "
+                   "the run's choice when the launch has an even number)")
     g.add_argument("--dist-timeout", type=checks.positive_int, default=600, metavar="S",
                    help="seconds a process waits for the others before it gives up with an error (default 600)")
 

@@ -192,6 +192,8 @@ def _stopped(err: BaseException, writer: VideoWriter, progress: Progress, state_
     kept = (f"the first {writer.frames} frames are in {writer.partial}" if writer.chunks else "no chunk was finished")
     hint = (f"; continue with: helios generate --resume {state_path}" if state_path is not None and writer.chunks
             else "")
+    if hint and world_size() > 1:
+        hint += " (under torchrun like this run, with any number of processes)"
     if isinstance(err, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (checks.Terminated)
         print(f"helios: interrupted after {writer.chunks} chunks: {kept}{hint}", file=sys.stderr)
         return getattr(err, "exit_code", EXIT_INTERRUPTED)

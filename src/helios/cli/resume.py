@@ -2,9 +2,12 @@
 
 Every state the command saves carries, beside the pipeline's settings (prompt schedule, options with the seed,
 negative prompt), the command's own (`command_settings`): the model, the output file, the video encoding, the dtype,
-the device, the offload mode and the conditioning file. So `--resume STATE` alone continues a run (a low-memory one
-keeps its offload). Arguments given anyway must agree with the state; those that do not are named in one error, before
-anything is loaded. The device and the offload may change (they are where and how the run goes on, not what it makes). Without --resume, the arguments left out get their defaults here.
+the device, the offload mode, CFG parallelism and the conditioning file. So `--resume STATE` alone continues a run (a
+low-memory one keeps its offload). Arguments given anyway must agree with the state; those that do not are named in
+one error, before anything is loaded. The device, the offload and CFG parallelism may change (they are where and how
+the run goes on, not what it makes). Under torchrun every process resolves the arguments from the state (rank 0
+saved it); the saved --cfg-parallel holds when the launch has an even number of processes. Without --resume, the
+arguments left out get their defaults here.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
+from ..launch import world_size
+
 # The command's defaults for the arguments whose parser default is None (None = not given, see resolve_arguments).
 DEFAULTS = {"output": Path("output.mp4"), "fps": Fraction(24), "crf": 18, "lossless": False, "dtype": "auto",
-            "device": "auto"}
+            "device": "auto", "cfg_parallel": False}
 # SamplingOptions field -> the argument that sets it.
 OPTION_ARGUMENTS = {
     "height": "height", "width": "width", "num_frames": "num_frames", "num_inference_steps": "steps",
@@ -56,7 +61,7 @@ def command_settings(args, dtype) -> dict:
     return {"model": _model_name(args.model), "output": str(Path(args.output).absolute()), "fps": str(args.fps),
             "crf": args.crf, "lossless": bool(args.lossless), "dtype": str(dtype).removeprefix("torch."),
             "device": args.device, "offload": args.offload, "text_encoder_device": args.text_encoder_device,
-            "image": _absolute(args.image), "video": _absolute(args.video)}
+            "cfg_parallel": bool(args.cfg_parallel), "image": _absolute(args.image), "video": _absolute(args.video)}
 
 
 def _load(path: Path):
@@ -94,6 +99,8 @@ def _take_saved(args, state) -> None:
     for name in ("device", "offload", "text_encoder_device"):  # how the run goes on, not what it makes: no conflict
         if getattr(args, name) is None:
             setattr(args, name, saved.get(name))
+    if args.cfg_parallel is None and saved.get("cfg_parallel"):  # likewise; and only where it can work (torchrun)
+        args.cfg_parallel = world_size() % 2 == 0  # an even number of processes (1 when not under torchrun)
     for kind in ("image", "video"):  # the conditioning is in the saved memory; a path given must be the run's
         if getattr(args, kind) is not None and saved and _absolute(getattr(args, kind)) != saved.get(kind):
             conflicts.append((kind, getattr(args, kind), saved.get(kind)))
