@@ -106,6 +106,7 @@ def main(models: Path, out: Path) -> None:
     seen["heads_error"] = _heads_error(models, world, parallelize)
     seen["forwards"] = _forwards(parallelize)
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
+    dist.barrier()  # leave together (see helios.launch.leave_together)
     dist.destroy_process_group()
 
 

@@ -126,6 +126,7 @@ def worker(args) -> None:
                   formula_bytes=formula_bytes(cfg, n_cur, n_hist, n, element))
     if rank == 0:
         print(json.dumps(result))
+    dist.barrier()  # leave together (see launch.leave_together)
     dist.destroy_process_group()
 
 

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from ..folder import check_model_name, noise_notice, open_model
-from ..launch import check_launch, process_device, process_group, rank, world_size
+from ..launch import check_launch, leave_together, process_device, process_group, rank, world_size
 from ..video_io import SUFFIXES, VideoSettings, VideoWriter, partial_path, to_uint8
 from .checks import check_flags, check_output, device_and_dtype, text_encoder_device
 from .common import EXIT_INTERRUPTED, GenerationFailed, check_writable, quiet_libraries
@@ -52,9 +52,13 @@ def generate(args) -> int:
         with process_group(device, args.dist_timeout) as several:  # under torchrun: one video, all processes
             pipe = _load(HeliosPipeline, model, args, (device, dtype, encoder_device), several)
             if rank() != 0:
-                return _follow(pipe, args, plan, media, state)
-            notice = noise_notice(args.model) if model.builtin and not args.quiet else None
-            return _generate_to_file(pipe, args, plan, media, state, notice)
+                code = _follow(pipe, args, plan, media, state)
+            else:
+                notice = noise_notice(args.model) if model.builtin and not args.quiet else None
+                code = _generate_to_file(pipe, args, plan, media, state, notice)
+            if several and code == 0:
+                leave_together()
+            return code
 
 
 def _load(pipeline_class, model, args, placement, several: bool):
