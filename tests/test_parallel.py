@@ -29,7 +29,9 @@ from helpers import make_inputs, randomize_, tiny_config
 from helios import HeliosPipeline, HeliosTransformer3DModel, SamplingOptions
 from helios.launch import check_launch
 from helios.media import read_video
+from helios.options import DEFAULT_NEGATIVE_PROMPT
 from helios.parallel import SequenceShards, UlyssesAttention, parallelize, shard_indices
+from helios.state import GenerationState, run_settings
 from helios.tiny import build_tiny_model
 from helios.video_io import to_uint8
 
@@ -123,7 +125,6 @@ def test_a_resumed_run_keeps_cfg_parallel_where_the_launch_allows_it(world, give
     from helios.cli import build_parser
     from helios.cli.resume import resolve_arguments
     from helios.history import History
-    from helios.state import GenerationState, run_settings
 
     opts = parallel_cases.Case("base").opts()
     settings = run_settings("base", {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)},
@@ -222,24 +223,24 @@ def test_each_rank_holds_its_share_of_every_part_of_the_sequence(launches, n):
     assert padded >= n  # at least one layout had a part that does not divide by n
 
 
-FAST = ["--model", "helios-tiny", "--height", "64", "--width", "128", "--pyramid-steps", "1", "1", "1",
-        "--no-amplify-first-chunk", "--seed", "7", "--prompt", "a red fox", "--num-frames", "99", "--lossless",
-        "--json", "--output", "fox.mp4", "--dist-timeout", "60"]
+FAST = ["--model", "helios-tiny-base", "--height", "64", "--width", "128", "--steps", "2", "--seed", "7", "--prompt",
+        "a red fox", "--num-frames", "99", "--lossless", "--json", "--output", "fox.mp4", "--dist-timeout", "60"]
 
 
 @pytest.mark.slow
 def test_a_rank_that_dies_stops_the_others_and_torchrun_resumes_the_video(tmp_path):
-    """Two `helios generate` processes started as torchrun starts them (the environment variables; rank 0 by the
-    console script as `torchrun --no-python helios` does, rank 1 as `python -m helios`). Rank 1 is killed once rank
-    0 has written chunk 0; rank 0 must fail well inside the timeout and keep what it wrote. Then
-    `torchrun -m helios generate --resume fox.state` on two processes, the state alone (rank 0 saved it with the
-    command's settings; every process reads them and the memory from it), finishes the video, which equals the
-    single process's."""
+    """Two `helios generate --cfg-parallel` processes (Base: one computes the conditional pass, the other the
+    unconditional one) started as torchrun starts them (the environment variables; rank 0 by the console script as
+    `torchrun --no-python helios` does, rank 1 as `python -m helios`). Rank 1 is killed once rank 0 has written
+    chunk 0; rank 0 must fail well inside the timeout and keep what it wrote. Then `torchrun --nproc-per-node 4 -m
+    helios generate --resume fox.state`, the state alone (rank 0 saved it with the command's settings; every process
+    reads them and the memory from it), finishes the video on 4 processes: CFG parallelism kept, each half splitting
+    the tokens over 2. The video equals the single process's."""
     env = {**ENV, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
     programs = [[str(Path(sys.executable).parent / "helios")], [sys.executable, "-m", "helios"]]
-    procs = [subprocess.Popen([*programs[r], "generate", *FAST, "--state", "fox.state"], cwd=tmp_path,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, text=True,
+    procs = [subprocess.Popen([*programs[r], "generate", *FAST, "--cfg-parallel", "--state", "fox.state"],
+                              cwd=tmp_path, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
     try:
         first = json.loads(procs[0].stdout.readline() or "{}")
@@ -259,13 +260,15 @@ def test_a_rank_that_dies_stops_the_others_and_torchrun_resumes_the_video(tmp_pa
     assert out == "" and procs[1].stdout.read() == ""  # rank 1 never printed progress
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fox.partial.mp4", "fox.state"]
 
-    resume = subprocess.Popen([*TORCHRUN, "--nproc-per-node=2", "-m", "helios", "generate", "--resume", "fox.state",
+    assert GenerationState.load(tmp_path / "fox.state").metadata["cfg_parallel"] is True
+
+    resume = subprocess.Popen([*TORCHRUN, "--nproc-per-node=4", "-m", "helios", "generate", "--resume", "fox.state",
                                "--json", "--dist-timeout", "60"], cwd=tmp_path, env=ENV, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:  # the single process's video, while the launch starts
-        opts = SamplingOptions(height=64, width=128, pyramid_num_inference_steps_list=(1, 1, 1),
-                               is_amplify_first_chunk=False, seed=7, num_frames=99)
-        expected = to_uint8(HeliosPipeline.from_pretrained("helios-tiny").generate("a red fox", opts).frames)
+        opts = SamplingOptions(height=64, width=128, num_inference_steps=2, seed=7, num_frames=99)
+        pipe = HeliosPipeline.from_pretrained("helios-tiny-base")
+        expected = to_uint8(pipe.generate("a red fox", opts, negative_prompt=DEFAULT_NEGATIVE_PROMPT).frames)
         out, err = resume.communicate(timeout=300)
     finally:
         resume.kill()
@@ -274,6 +277,7 @@ def test_a_rank_that_dies_stops_the_others_and_torchrun_resumes_the_video(tmp_pa
     events = [json.loads(line) for line in out.splitlines()]
     assert [e.get("index", e["event"]) for e in events] == [1, 2, "done"]  # once each: only rank 0 reports
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fox.mp4", "fox.state"]
+    assert GenerationState.load(tmp_path / "fox.state").metadata["cfg_parallel"] is True  # kept by the resume
     frames, _ = read_video(tmp_path / "fox.mp4")
     assert frames.shape == expected.shape
     assert np.abs(frames.astype(int) - expected.astype(int)).max() <= 1  # lossless RGB, equal up to rounding
