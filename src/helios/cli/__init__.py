@@ -131,6 +131,7 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
                    help="transformer and text encoder dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    _parallel_arguments(p)
 
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
