@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import lora
 from .denoise import Cancelled, denoise_chunk, guided_velocity
 from .folder import ModelFolder, open_model_folder
 from .history import History
@@ -125,6 +126,19 @@ class HeliosPipeline:
     def device(self) -> torch.device:
         """Where the work runs (with offload, components visit it in turn)."""
         return self.placement.device
+
+    # LoRA adapters on the transformer (lora.py), under the names diffusers' pipelines use.
+    def load_lora_weights(self, path_or_repo, adapter_name: str | None = None, scale: float = 1.0,
+                          weight_name: str | None = None) -> str:
+        """Add a LoRA (a safetensors file, a folder holding one, or a hub repo); returns the adapter's name."""
+        return lora.load_lora(self.transformer, path_or_repo, adapter_name, scale, weight_name)
+
+    def set_lora_scale(self, adapter_name: str, scale: float) -> None:
+        lora.set_lora_scale(self.transformer, adapter_name, scale)
+
+    def unload_lora_weights(self, adapter_name: str | None = None) -> None:
+        """Remove one adapter, or all (the transformer is then exactly as loaded)."""
+        lora.unload_lora(self.transformer, adapter_name)
 
     def generate(self, prompt, opts: SamplingOptions = SamplingOptions(), negative_prompt: str | None = None,
                  image=None, video=None, resume: GenerationState | str | Path | None = None,
