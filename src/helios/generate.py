@@ -88,7 +88,7 @@ class HeliosPipeline:
 
     @classmethod
     def from_pretrained(cls, model, torch_dtype=None, device=None, vae_dtype=torch.float32, offload=None,
-                        text_encoder_device=None) -> HeliosPipeline:
+                        text_encoder_device=None, quantize: str | None = None) -> HeliosPipeline:
         """Load a model: a folder laid out like the published repos, a hub repo id, a built-in name
         ("helios-tiny", "helios-tiny-mid", "helios-tiny-base": tiny random weights), or a folder.ModelFolder.
 
@@ -98,18 +98,23 @@ class HeliosPipeline:
         offload (README "Low memory"): None keeps every component on `device`; "model" keeps them in host memory,
         each on `device` only while it runs; "blocks" also streams the transformer's blocks from the memory-mapped
         checkpoint. text_encoder_device (e.g. "cpu") runs the text encoder there for good.
+        quantize: None, "int8" or "fp8": the transformer's block weights, weight-only, while loading (quantize.py).
         """
         device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if text_encoder_device is not None:
             text_encoder_device = check_device(text_encoder_device, name="text_encoder_device")
         where = plan_loading(offload, device, text_encoder_device)  # checked before anything is read
+        if quantize is not None:
+            from .quantize import check_scheme
+
+            check_scheme(quantize, device)  # before the hub is asked for anything
         torch_dtype = default_dtype(device) if torch_dtype is None else torch_dtype
         holder, folder = open_model_folder(model)
         try:
             folder.check_weight_files()  # a truncated VAE file is found before minutes of loading the transformer
             transformer = HeliosTransformer3DModel.from_pretrained(
                 folder.component("transformer"), torch_dtype=torch_dtype, device=where.transformer,
-                offload=where.transformer_offload)
+                offload=where.transformer_offload, quantize=quantize)
             vae = VideoVAE.from_pretrained(folder.component("vae"), dtype=vae_dtype, device=where.vae)
             text_encoder = TextEncoder.from_pretrained(folder.component("text_encoder"), folder.component("tokenizer"),
                                                        dtype=torch_dtype, device=where.text_encoder)
