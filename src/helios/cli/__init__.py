@@ -160,6 +160,11 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
                    "run's choice)")
     s.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks, for GPUs (the first "
                    "chunk at each resolution waits for the compiler; on a CPU it gains nothing)")
+    s.add_argument("--quantize", choices=("int8", "fp8"), help="weight-only quantization of the transformer's blocks "
+                   "while loading, about half the bytes of bf16 (needs torchao: pip install \"helios[quantize]\")")
+    s.add_argument("--lora", action="append", type=_lora_spec, default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA adapter: a safetensors file, a folder holding pytorch_lora_weights.safetensors, or a "
+                   "Hugging Face repo id; SCALE defaults to 1. Repeat for several adapters")
     r = p.add_argument_group("long runs and output")
     r.add_argument("--state", type=Path, metavar="PATH", help="save the generation state here after every chunk")
     r.add_argument("--resume", type=Path, metavar="PATH", help="continue an interrupted run from its --state file; "
@@ -180,6 +185,18 @@ def _memory_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--text-encoder-device", metavar="DEVICE",
                    help="run the text encoder here for good, e.g. cpu (then it needs no GPU memory; it runs once per "
                    "prompt). Default: --device")
+
+
+def _lora_spec(text: str) -> tuple[str, float]:
+    """PATH[:SCALE] -> (PATH, SCALE); a colon not followed by a number belongs to the path."""
+    path, _, scale = text.rpartition(":")
+    try:
+        value = float(scale)
+    except ValueError:
+        return text, 1.0
+    if not path or value != value or abs(value) == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be PATH or PATH:SCALE with a finite SCALE, got {text!r}")
+    return path, value
 
 
 def _positive_fps(text: str):

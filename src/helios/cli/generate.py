@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..folder import check_model_name, noise_notice, open_model
+from ..folder import REPO_ID, check_model_name, noise_notice, open_model
 from ..video_io import SUFFIXES, VideoSettings, VideoWriter, partial_path, to_uint8
 from .checks import check_flags, check_output, device_and_dtype
 from .common import EXIT_INTERRUPTED, GenerationFailed, check_writable, quiet_libraries
@@ -43,7 +43,9 @@ def generate(args) -> int:
         opts = state.options if state is not None else _options(args)  # resolved: given ones agree with them
         plan = make_plan(prompt, opts, model.variant, model.defaults, patch_size=model.patch_size)
         pipe = HeliosPipeline.from_pretrained(model, torch_dtype=dtype, device=device, offload=args.offload,
-                                              text_encoder_device=text_encoder_device)
+                                              text_encoder_device=text_encoder_device, quantize=args.quantize)
+        for path, scale in args.lora:
+            pipe.load_lora_weights(path, scale=scale)
         if args.compile:
             from ..speed import compile_blocks
 
@@ -63,6 +65,9 @@ def _check_paths(args) -> None:
         path = getattr(args, flag)
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file")
+    for path, _ in args.lora:
+        if not Path(path).expanduser().exists() and not REPO_ID.match(path):
+            raise FileNotFoundError(f"--lora {path}: no such file or folder (nor a Hugging Face repo id)")
     if args.schedule_id is not None and args.prompt_schedule is None:
         raise ValueError("--schedule-id picks a video from a --prompt-schedule CSV; there is none")
     if args.prompt is not None and not args.prompt.strip():
