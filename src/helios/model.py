@@ -199,7 +199,8 @@ class HeliosTransformer3DModel(nn.Module):
 
 
 def check_attention_kwargs(attention_kwargs) -> None:
-    # The reference only reads a LoRA "scale" from attention_kwargs; we have no adapters, so it has no effect.
+    # The reference only reads a LoRA "scale" from attention_kwargs. It is accepted for call compatibility and not
+    # applied: LoRA scales are set per adapter, outside the model (lora.set_lora_scale).
     unknown = set(attention_kwargs or {}) - {"scale"}
     if unknown:
         raise ValueError(f"attention_kwargs: unsupported keys {sorted(unknown)} (only 'scale' is accepted)")

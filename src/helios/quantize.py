@@ -1,6 +1,6 @@
 """Weight-only int8 / fp8 quantization of the transformer's blocks, through torchao.
 
-What is quantized: the Linear layers inside the blocks (attention projections and the FFN), which hold 97% of the
+What is quantized: the Linear layers inside the blocks (attention projections and the FFN), which hold 98% of the
 14B model's parameters. What stays as loaded: patch embeddings, the condition embedder, norms, modulation tables and
 the output head, which are small and sit where precision matters most (the first and last maps, the timestep path).
 Weight-only: activations stay in the model dtype; each weight row is stored as int8 or float8 (e4m3) with one scale
