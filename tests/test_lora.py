@@ -120,6 +120,7 @@ class Videos:
         return torch.from_numpy(out.frames[0])
 
 
+@pytest.mark.slow
 def test_base_videos_match_the_reference_with_one_two_and_no_adapters(folders, files):
     v = Videos(folders, "base")
     plain = v.ours_frames()
@@ -144,6 +145,7 @@ def test_base_videos_match_the_reference_with_one_two_and_no_adapters(folders, f
     assert (unloaded - v.ref_frames()).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_pyramid_videos_match_the_reference_with_two_adapters(folders, files):
     """The distilled model through HeliosPyramidPipeline (three stages at three resolutions, DMD steps)."""
     v = Videos(folders, "distilled")
@@ -317,6 +319,7 @@ def test_bad_arguments(folders, files, tmp_path):
 # The command line: --lora PATH[:SCALE] (repeatable) and --quantize
 
 
+@pytest.mark.slow
 def test_helios_generate_lora_and_quantize_flags(files, tmp_path):
     """The installed `helios` script on helios-tiny (the tiny transformer the adapters above were made for)."""
     import os

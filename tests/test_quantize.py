@@ -84,6 +84,7 @@ def test_forward_error_against_bf16_is_bounded(folder, scheme):
     assert 0 < max_rel <= MAX_REL[scheme] and rms_rel <= RMS_REL[scheme]
 
 
+@pytest.mark.slow
 def test_a_whole_tiny_video_stays_close_to_bf16(tmp_path):
     """The distilled pipeline, 33 frames through three pyramid stages: PSNR of the frames against bf16's."""
     folder = build_tiny_model(tmp_path / "distilled", variant="distilled")
@@ -97,12 +98,14 @@ def test_a_whole_tiny_video_stays_close_to_bf16(tmp_path):
         assert MIN_PSNR[scheme] <= psnr(frames[scheme], frames[None]) < float("inf")
 
 
+@pytest.mark.slow
 def test_the_14b_transformer_in_int8_is_at_most_055x_bf16():
     sizes = bytes_14b()  # on the meta device: exact bytes, no memory
     assert 28.0e9 < sizes["bf16"] < 29.0e9
     assert sizes["int8_x_bf16"] <= 0.55 and sizes["fp8_x_bf16"] <= 0.55
 
 
+@pytest.mark.slow
 def test_loading_never_holds_the_bf16_and_the_quantized_model_together(tmp_path):
     """Peak RSS added by from_pretrained, in fresh processes, against the bf16 checkpoint's size: a bf16 load adds
     1.0x; one that held the bf16 and the int8 model together would add 1.5x; block by block adds 0.5x plus one bf16
