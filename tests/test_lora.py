@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")  # the reference's LoRA loader needs it
 
-from helpers import REFERENCE_CLASSES, contiguous_outputs, set_scheduler_gamma  # noqa: E402
+from helpers import REFERENCE_CLASSES, contiguous_outputs, fake_hub_snapshot, set_scheduler_gamma  # noqa: E402
 
 from helios import HeliosPipeline, HeliosTransformer3DModel, SamplingOptions  # noqa: E402
 from helios.lora import LoRALayer, load_lora, lora_adapters, set_lora_scale, unload_lora  # noqa: E402
@@ -214,6 +214,19 @@ def test_prefix_alpha_key_and_folder_forms_are_the_same_adapter(folders, files, 
     assert lora_adapters(model) == {"default_0": 1.0}
 
 
+def test_a_hub_repo_id_loads_from_the_offline_cache(folders, files, offline_hub):
+    snapshot = fake_hub_snapshot(offline_hub, "someone/helios-fox-lora")
+    (snapshot / "pytorch_lora_weights.safetensors").write_bytes(files["b"].read_bytes())
+    model = transformer(folders)
+    load_lora(model, files["b"], "file")
+    expected = forward(model)
+    unload_lora(model)
+    assert load_lora(model, "someone/helios-fox-lora") == "default_0"
+    assert torch.equal(forward(model), expected)
+    with pytest.raises(FileNotFoundError, match="someone/missing: not a local LoRA file or folder"):
+        load_lora(model, "someone/missing")
+
+
 def test_scales_add_up_and_zero_is_no_adapter(folders, files):
     model = transformer(folders)
     plain = forward(model)
@@ -268,7 +281,8 @@ def _bad_files(files, tmp_path):
                                                                    "blocks.9.attn1.to_q.lora_B.weight": a[key].T}),
                           "transformer.blocks.9.attn1.to_q.lora_A.weight"),
         "rank-mismatch": (write_lora(tmp_path / "r.safetensors", {**a, key: a[key][:3]}), "transformer." + key),
-        "shape-mismatch": (write_lora(tmp_path / "s.safetensors", {**a, key: torch.zeros(4, 48)}), "transformer." + key),
+        "shape-mismatch": (write_lora(tmp_path / "s.safetensors", {**a, key: torch.zeros(4, 48)}),
+                           "transformer." + key),
         "another-model": (write_lora(tmp_path / "flux.safetensors", flux), "single_transformer_blocks.0"),
         "not-a-layer": (write_lora(tmp_path / "n.safetensors", {"blocks.0.norm2.lora_A.weight": torch.zeros(4, 32),
                                                                 "blocks.0.norm2.lora_B.weight": torch.zeros(32, 4)}),

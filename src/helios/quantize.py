@@ -112,7 +112,7 @@ def _torchao():
         with _quiet("torchao", "torch.utils._pytree"):
             from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     except ImportError as err:
-        raise ImportError('quantization needs torchao: pip install "helios[quantize]" (or pip install torchao)') from err
+        raise ImportError('quantization needs torchao: pip install "helios[quantize]" (or torchao)') from err
     return quantize_, {"int8": Int8WeightOnlyConfig, "fp8": Float8WeightOnlyConfig}
 
 

@@ -37,7 +37,7 @@ MID = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_lay
 
 
 def add_parser(sub) -> None:
-    q = sub.add_parser("quantize", help="int8 / fp8 weight-only against bf16: bytes, error, time, video PSNR, load peak")
+    q = sub.add_parser("quantize", help="int8 / fp8 weight-only against bf16: bytes, error, time, PSNR, load peak")
     q.add_argument("--runs", type=int, default=3, help="timed forwards per scheme (default 3)")
     q.add_argument("--frames", type=int, default=9, help="latent frames of the mid-size forward (default 9)")
     q.add_argument("--size", type=int, default=24, help="latent height and width of the mid-size forward (default 24)")
