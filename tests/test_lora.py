@@ -4,6 +4,7 @@ with `load_lora_weights` of the same files (fp32, frames within 1e-5)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from helpers import REFERENCE_CLASSES, contiguous_outputs, fake_hub_snapshot, se
 from helios import HeliosPipeline, HeliosTransformer3DModel, SamplingOptions  # noqa: E402
 from helios.lora import LoRALayer, load_lora, lora_adapters, set_lora_scale, unload_lora  # noqa: E402
 from helios.tiny import build_tiny_model  # noqa: E402
+from helios.vae import TINY_VAE_CONFIG, build_vae  # noqa: E402
 
 H, W, PROMPT, NEGATIVE, SEED = 64, 128, "a red fox runs through the snow", "blurry, static", 7
 OPTIONS = {  # (ours, the reference's keyword arguments): short runs
@@ -31,8 +33,11 @@ FFN = [f"blocks.{i}.ffn.{p}" for i in range(2) for p in ("net.0.proj", "net.2")]
 OUTSIDE = ["proj_out", "condition_embedder.time_proj", "condition_embedder.text_embedder.linear_1", "patch_embedding"]
 
 
-def lora_factors(model, layers, rank: int, seed: int, std: float = 0.3) -> dict[str, torch.Tensor]:
-    """Random PEFT factors for `layers` of `model`, keys without prefix: {layer}.lora_A.weight / .lora_B.weight."""
+def lora_factors(model, layers, rank: int, seed: int, std: float = 0.2) -> dict[str, torch.Tensor]:
+    """Random PEFT factors for `layers` of `model`, keys without prefix: {layer}.lora_A.weight / .lora_B.weight.
+
+    std 0.2: the adapters change the tiny videos by 0.5-0.7 (frames in [0, 1]), and the runs stay where fp32
+    reassociation keeps ours within 1e-5 of the reference's frames (measured 8e-6; at std 0.3 one case gave 1.1e-5)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name in layers:
@@ -64,6 +69,12 @@ def folders(tmp_path_factory):
     out = {}
     for variant in OPTIONS:
         source = set_scheduler_gamma(build_tiny_model(root / f"source-{variant}", variant=variant, seed=0), 0.25)
+        # The built-in tiny VAE has 4 base channels (fast), and its RMS norms over 2-4 channels turn the latents'
+        # float differences (7.7e-6 of 6.1 here, ours against the reference, with or without adapters) into frame
+        # differences of about 1e-3. With 8 channels the decoder is tame, so the frames compare within 1e-5.
+        torch.manual_seed(1)
+        shutil.rmtree(source / "vae")
+        build_vae({**TINY_VAE_CONFIG, "base_dim": 8}).save_pretrained(source / "vae")
         getattr(diffusers, REFERENCE_CLASSES[variant]).from_pretrained(source).save_pretrained(root / variant)
         out[variant] = root / variant
     return out
@@ -342,7 +353,7 @@ def test_helios_generate_lora_and_quantize_flags(files, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
-    from helios.video_io import read_video
+    from helios.media import read_video
 
     entry_point = Path(sys.executable).parent / "helios"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

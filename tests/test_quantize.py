@@ -30,8 +30,9 @@ CONFIG = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_lay
 # model's errors are smaller (docs/benchmarks.md).
 MAX_REL = {"int8": 0.015, "fp8": 0.045}
 RMS_REL = {"int8": 0.012, "fp8": 0.03}
-# PSNR of a whole tiny video against bf16, measured: int8 49.0 dB, fp8 44.3 dB (fp32 49.4 dB); bounds 6 dB lower.
-MIN_PSNR = {"int8": 43.0, "fp8": 38.0}
+# PSNR of a whole tiny video against bf16, measured with the 4-channel tiny VAE (which turns small latent differences
+# into large pixel ones): int8 35.1 dB, fp8 31.2 dB (fp32 34.9 dB); bounds 6 dB lower.
+MIN_PSNR = {"int8": 29.0, "fp8": 25.0}
 
 
 @pytest.fixture(scope="module")
