@@ -89,7 +89,9 @@ def load_lora(model: nn.Module, path_or_repo, adapter_name: str | None = None, s
     if name in loaded:
         raise ValueError(f"adapter_name={name!r} is loaded already; unload it or choose another name")
     path = locate(path_or_repo, weight_name)
-    adapters = {layer: _prepare(model, layer, factors, scale, path) for layer, factors in read_factors(path).items()}
+    factors = read_factors(path)
+    _check_not_streamed(model, factors, path)
+    adapters = {layer: _prepare(model, layer, f, scale, path) for layer, f in factors.items()}
     for layer, adapter in adapters.items():  # nothing below can fail: the model changes only now
         _lora_layer(model, layer).adapters[name] = adapter
     return name
@@ -138,6 +140,18 @@ def _default_name(loaded: dict) -> str:
 def _check_scale(scale) -> None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale={scale!r}: must be a finite number")
+
+
+def _check_not_streamed(model: nn.Module, factors: dict, path) -> None:
+    """A transformer loaded with offload="blocks" has no block layers to adapt: each call of a block runs the block's
+    weights in one of a few shared slots (stream_blocks.py)."""
+    if getattr(model, "block_stream", None) is None:
+        return
+    inside = sorted(layer for layer in factors if layer.startswith("blocks."))
+    if inside:
+        raise ValueError(f"{path}: {factors[inside[0]].keys['down']} adapts a block layer, and this transformer "
+                         "streams its blocks (offload='blocks'), which takes no LoRA adapters on them; use "
+                         "offload='model' (or none) with LoRA")
 
 
 def _lora_layer(model: nn.Module, layer: str) -> LoRALayer:

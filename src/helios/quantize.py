@@ -43,6 +43,9 @@ def quantize(model: nn.Module, scheme: str) -> nn.Module:
     check_scheme(scheme, model.device)
     if is_quantized(model):
         raise ValueError(f"quantize={scheme!r}: the model is quantized already")
+    if getattr(model, "block_stream", None) is not None:  # its blocks are read from the checkpoint at every call
+        raise ValueError(f"quantize={scheme!r}: this transformer streams its blocks (offload='blocks'); quantize "
+                         f"them while loading: from_pretrained(..., offload='blocks', quantize={scheme!r})")
     if lora_adapters(model):  # their layers stand in for the Linears; quantize first, then load the adapters
         raise ValueError(f"quantize={scheme!r}: unload the LoRA adapters first (load them after quantizing)")
     for block in model.blocks:
@@ -58,8 +61,19 @@ def quantize_block(block: nn.Module, scheme: str) -> None:
         _release_freed_memory()
 
 
+def quantization(model: nn.Module) -> str | None:
+    """The scheme the model's blocks are quantized with ("int8", "fp8"), or None; streamed blocks included."""
+    stream = getattr(model, "block_stream", None)
+    for module in (model,) if stream is None else (model, stream.template):
+        for p in module.parameters():
+            data = getattr(p, "qdata", None) if _is_subclass(p) else None
+            if data is not None:
+                return "int8" if data.dtype == torch.int8 else "fp8"
+    return None
+
+
 def is_quantized(model: nn.Module) -> bool:
-    return any(_is_subclass(p) for p in model.parameters())
+    return quantization(model) is not None
 
 
 def parameter_bytes(module: nn.Module) -> int:

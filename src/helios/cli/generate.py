@@ -68,6 +68,8 @@ def _check_paths(args) -> None:
     for path, _ in args.lora:
         if not Path(path).expanduser().exists() and not REPO_ID.match(path):
             raise FileNotFoundError(f"--lora {path}: no such file or folder (nor a Hugging Face repo id)")
+    if args.lora and args.offload == "blocks":  # said now, not after loading (and quantizing) the model
+        raise ValueError("--lora with --offload blocks: streamed blocks take no LoRA adapters; use --offload model")
     if args.schedule_id is not None and args.prompt_schedule is None:
         raise ValueError("--schedule-id picks a video from a --prompt-schedule CSV; there is none")
     if args.prompt is not None and not args.prompt.strip():
