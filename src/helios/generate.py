@@ -25,6 +25,7 @@ from .model import HeliosTransformer3DModel
 from .offload import Resident, plan_loading
 from .options import VARIANT_DEFAULTS, SamplingOptions, Variant
 from .plan import GenerationPlan, make_plan
+from .quantize import quantization
 from .state import GenerationState, differences, run_settings
 from .text import TextEncoder
 from .vae import VideoVAE
@@ -213,7 +214,7 @@ class HeliosPipeline:
             seed = resume.seed if resume is not None else random.SystemRandom().randrange(2**63)
         # The conditioning image/video is not part of them: a resumed run finds it in the saved memory.
         settings = run_settings(self.variant.name, dataclasses.asdict(dataclasses.replace(opts, seed=seed)), schedule,
-                                negative_prompt)
+                                negative_prompt, quantization(self.transformer), lora.lora_settings(self.transformer))
         if resume is not None and resume.settings != settings:
             raise ValueError("resume: the saved state was made with other settings: "
                              + ", ".join(differences(resume.settings, settings)))

@@ -16,6 +16,7 @@ The file formats are in lora_format.py.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -30,7 +31,7 @@ class Adapter(nn.Module):
     """One adapter's factors on one layer. Non-persistent buffers: they follow the model's .to(), and the model's
     state dict stays the checkpoint's (save_pretrained never writes adapters into the base weights)."""
 
-    def __init__(self, factors: Factors, scale: float, device, dtype):
+    def __init__(self, factors: Factors, scale: float, device, dtype, source: str = "", order: int = 0):
         super().__init__()
         self.register_buffer("down", factors.down.to(device, dtype), persistent=False)
         self.register_buffer("up", factors.up.to(device, dtype), persistent=False)
@@ -38,6 +39,7 @@ class Adapter(nn.Module):
         self.register_buffer("up_bias", bias, persistent=False)
         self.scaling = factors.scaling  # alpha / r, from the file
         self.scale = scale  # the user's
+        self.source, self.order = source, order  # the file it came from; when it was loaded (lora_settings)
 
 
 class LoRALayer(nn.Module):
@@ -91,7 +93,8 @@ def load_lora(model: nn.Module, path_or_repo, adapter_name: str | None = None, s
     path = locate(path_or_repo, weight_name)
     factors = read_factors(path)
     _check_not_streamed(model, factors, path)
-    adapters = {layer: _prepare(model, layer, f, scale, path) for layer, f in factors.items()}
+    order = next(_LOADS)
+    adapters = {layer: _prepare(model, layer, f, scale, path, order) for layer, f in factors.items()}
     for layer, adapter in adapters.items():  # nothing below can fail: the model changes only now
         _lora_layer(model, layer).adapters[name] = adapter
     return name
@@ -119,6 +122,16 @@ def unload_lora(model: nn.Module, adapter_name: str | None = None) -> None:
             del layer.adapters[adapter_name]
         if not layer.adapters:
             model.set_submodule(name, layer.replaced[0])
+
+
+def lora_settings(model: nn.Module) -> list[tuple[str, float]]:
+    """(file, scale) of each loaded adapter, in the order they were loaded: what they change in a video (a run's
+    settings, state.run_settings). The file is the safetensors file read, as an absolute path."""
+    first = {}
+    for layer in _lora_layers(model):
+        for a in layer.adapters.values():
+            first.setdefault(a.order, (a.source, a.scale))
+    return [first[order] for order in sorted(first)]
 
 
 def lora_adapters(model: nn.Module) -> dict[str, float]:
@@ -162,7 +175,10 @@ def _lora_layer(model: nn.Module, layer: str) -> LoRALayer:
     return module
 
 
-def _prepare(model: nn.Module, layer: str, factors: Factors, scale: float, path) -> Adapter:
+_LOADS = itertools.count()  # numbers the loads, so that lora_settings lists adapters in the order they were loaded
+
+
+def _prepare(model: nn.Module, layer: str, factors: Factors, scale: float, path, order: int) -> Adapter:
     """The factors checked against the layer they name, on its device and in its compute dtype."""
     key = factors.keys["down"]
     try:
@@ -186,4 +202,4 @@ def _prepare(model: nn.Module, layer: str, factors: Factors, scale: float, path)
     weight = base.weight
     # A quantized weight's side path runs in the activations' dtype, which is the model's.
     dtype = weight.dtype if type(weight) in (torch.Tensor, nn.Parameter) else model.dtype
-    return Adapter(factors, float(scale), weight.device, dtype)
+    return Adapter(factors, float(scale), weight.device, dtype, str(path.absolute()), order)

@@ -38,6 +38,8 @@ examples:
 
   # a GPU with 24 GB or less: stream the transformer's blocks (README: Low memory)
   helios generate --model {PUBLISHED[2]} --prompt "..." --offload blocks --output fox.mp4
+  # int8 weights (half the memory; pip install "helios[quantize]") and a LoRA adapter at scale 0.8
+  helios generate --model {PUBLISHED[2]} --prompt "..." --quantize int8 --lora my_style.safetensors:0.8 -o fox.mp4
 
   helios info {PUBLISHED[2]}
 
@@ -115,6 +117,10 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     conditioning.add_argument("--image", type=Path, metavar="PATH", help="image-to-video: start from this image")
     conditioning.add_argument("--video", type=Path, metavar="PATH",
                               help="video-to-video: continue this video (at least 33 frames)")
+    g.add_argument("--lora", action="append", type=checks.lora_spec, default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA adapter: a safetensors file, a folder holding pytorch_lora_weights.safetensors, or a "
+                   "Hugging Face repo id; SCALE defaults to 1. Repeat for several adapters (with --resume, the "
+                   "run's own)")
     v = p.add_argument_group("video")
     v.add_argument("--num-frames", type=checks.frame_count, metavar="N",
                    help="frames to generate, rounded up to whole 33-frame chunks, then trimmed to 4n+1 (default: "
@@ -160,11 +166,6 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
                    "run's choice)")
     s.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks, for GPUs (the first "
                    "chunk at each resolution waits for the compiler; on a CPU it gains nothing)")
-    s.add_argument("--quantize", choices=("int8", "fp8"), help="weight-only quantization of the transformer's blocks "
-                   "while loading, about half the bytes of bf16 (needs torchao: pip install \"helios[quantize]\")")
-    s.add_argument("--lora", action="append", type=_lora_spec, default=[], metavar="PATH[:SCALE]",
-                   help="a LoRA adapter: a safetensors file, a folder holding pytorch_lora_weights.safetensors, or a "
-                   "Hugging Face repo id; SCALE defaults to 1. Repeat for several adapters")
     r = p.add_argument_group("long runs and output")
     r.add_argument("--state", type=Path, metavar="PATH", help="save the generation state here after every chunk")
     r.add_argument("--resume", type=Path, metavar="PATH", help="continue an interrupted run from its --state file; "
@@ -181,22 +182,14 @@ def _memory_arguments(p: argparse.ArgumentParser) -> None:
                    help="model: keep the text encoder, transformer and VAE in RAM, each on the GPU only while it runs "
                    "(the GPU holds the largest one, 28.6 GB at 14B); blocks: also stream the transformer's blocks "
                    "from the checkpoint file through two GPU buffers (a few GB of GPU memory, little RAM; bound by "
-                   "PCIe). Default: everything stays on the device")
+                   "PCIe; with --quantize, the quantized blocks are held in RAM and stream from there, half the "
+                   "bytes). Default: everything stays on the device")
+    m.add_argument("--quantize", choices=("int8", "fp8"), help="weight-only quantization of the transformer's blocks "
+                   "while loading: about half the bytes of bf16, 14.6 GB at 14B (needs torchao: pip install "
+                   "\"helios[quantize]\"; with --resume, the run's own)")
     m.add_argument("--text-encoder-device", metavar="DEVICE",
                    help="run the text encoder here for good, e.g. cpu (then it needs no GPU memory; it runs once per "
                    "prompt). Default: --device")
-
-
-def _lora_spec(text: str) -> tuple[str, float]:
-    """PATH[:SCALE] -> (PATH, SCALE); a colon not followed by a number belongs to the path."""
-    path, _, scale = text.rpartition(":")
-    try:
-        value = float(scale)
-    except ValueError:
-        return text, 1.0
-    if not path or value != value or abs(value) == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be PATH or PATH:SCALE with a finite SCALE, got {text!r}")
-    return path, value
 
 
 def _positive_fps(text: str):

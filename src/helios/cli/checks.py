@@ -54,6 +54,18 @@ def guidance(text: str) -> float:
     return value
 
 
+def lora_spec(text: str) -> tuple[str, float]:
+    """--lora PATH[:SCALE] -> (PATH, SCALE); a colon not followed by a number belongs to the path."""
+    path, _, scale = text.rpartition(":")
+    try:
+        value = float(scale)
+    except ValueError:
+        return text, 1.0
+    if not path or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be PATH or PATH:SCALE with a finite SCALE, got {text!r}")
+    return path, value
+
+
 def check_flags(args) -> None:
     """Flag combinations and files, before anything is loaded (and before --resume fills in the arguments left out;
     check_output after it)."""
