@@ -348,45 +348,59 @@ def test_bad_arguments(folders, files, tmp_path):
 def test_helios_generate_lora_and_quantize_flags(files, tmp_path):
     """The installed `helios` script on helios-tiny (the tiny transformer the adapters above were made for)."""
     import os
+    import re
     import subprocess
     import sys
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
+    from test_cli_quiet import BAR
+
     from helios.media import read_video
 
     entry_point = Path(sys.executable).parent / "helios"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DIFFUSERS_VERBOSITY", None)  # an in-process `helios` run of another test may have set it here
     common = ["generate", "--model", "helios-tiny", "--height", "64", "--width", "128", "--pyramid-steps", "1", "1",
               "1", "--no-amplify-first-chunk", "--seed", "3", "--prompt", "a red fox", "--num-frames", "33",
-              "--lossless", "--quiet"]
+              "--lossless"]
     flux = write_lora(tmp_path / "flux.safetensors", {"single_transformer_blocks.0.attn.to_q.lora_A.weight":
                                                       torch.zeros(4, 3072)})
+    a, b = f"{files['a']}:0.8", str(files["b"])
     runs = {  # name -> (extra arguments, expected exit code, expected text on stderr)
-        "plain": ([], 0, None),
-        "lora": (["--lora", f"{files['a']}:0.8", "--lora", str(files["b"])], 0, None),
-        "int8+lora": (["--quantize", "int8", "--lora", f"{files['a']}:0.8", "--lora", str(files["b"])], 0, None),
+        "plain": (["--quiet"], 0, None),
+        "lora": (["--quiet", "--lora", a, "--lora", b], 0, None),
+        "int8+lora": (["--quantize", "int8", "--lora", a, "--lora", b], 0, None),  # with the bar: helios' lines only
+        "int8 --debug": (["--quantize", "int8", "--debug"], 0, "torchao"),  # the import chatter is there to hide
+        "int8+blocks": (["--quiet", "--quantize", "int8", "--offload", "blocks"], 0, None),
         "unknown-scheme": (["--quantize", "int4"], 2, "--quantize: invalid choice: 'int4' (choose from"),
         "missing-lora": (["--lora", str(tmp_path / "missing.safetensors")], 2, "missing.safetensors: no such file"),
         "bad-scale": (["--lora", f"{files['a']}:nan"], 2, "PATH:SCALE with a finite SCALE"),
         "other-model": (["--lora", str(flux)], 2, f"{flux}: transformer.single_transformer_blocks.0"),
+        "lora+blocks": (["--lora", a, "--offload", "blocks"], 2, "--lora with --offload blocks: streamed blocks"),
     }
 
     def attempt(name):
-        out = tmp_path / f"{name}.mp4"
+        out = tmp_path / f"{name.replace(' ', '')}.mp4"
         cmd = [str(entry_point), *common, *runs[name][0], "--output", str(out)]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600), out
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = dict(zip(runs, pool.map(attempt, runs)))
-    for name, (_, code, message) in runs.items():
+    for name, (flags, code, message) in runs.items():
         result, out = results[name]
         assert result.returncode == code, (name, result.stderr)
         if code:
             assert result.stderr.count("\n") == 1 and message in result.stderr, (name, result.stderr)
             assert not out.exists()
+        elif "--quiet" in flags:
+            assert result.stderr == "", (name, result.stderr)  # nothing, torchao's import chatter included
+        elif message:
+            assert message in result.stderr, (name, result.stderr)
         else:
-            assert result.stderr == "", (name, result.stderr)  # --quiet: nothing, torchao's import chatter included
-    frames = {name: read_video(results[name][1])[0].astype(float) for name in ("plain", "lora", "int8+lora")}
+            lines = [line.strip() for line in re.split(r"[\r\n]", result.stderr) if line.strip()]
+            assert [line for line in lines if not line.startswith("helios: ") and not BAR.match(line)] == []
+    frames = {name: read_video(results[name][1])[0].astype(float) for name in runs if runs[name][1] == 0}
     assert abs(frames["lora"] - frames["plain"]).max() > 20  # the adapters do change the video (0-255 levels)
     assert abs(frames["int8+lora"] - frames["lora"]).mean() < 0.25 * abs(frames["lora"] - frames["plain"]).mean()
+    assert (frames["int8+blocks"] == frames["int8 --debug"]).all()  # streamed int8 blocks: the resident int8 video
