@@ -176,3 +176,9 @@ def test_parameter_bytes_count_the_quantized_data(folder):
     # int8 data: 1 byte instead of 2 per block weight, plus one scale and zero point per output row.
     saved = parameter_bytes(plain) - parameter_bytes(quantized)
     assert 0.9 * blocks < saved < blocks
+
+
+def test_a_quantized_transformer_is_not_saved(folder, tmp_path):
+    with pytest.raises(ValueError, match=r"cannot save: \d+ weights are quantized \(blocks\.0\..*quantize while loading"):
+        load(folder, "int8").save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written

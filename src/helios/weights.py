@@ -196,6 +196,11 @@ def save_transformer(model, directory: str | os.PathLike, max_shard_size: int | 
     """Write config.json and (sharded) safetensors. Files are staged and moved in, so a failure leaves no mix."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
+    quantized = sorted(k for k, v in model.state_dict().items() if type(v) not in (torch.Tensor, torch.nn.Parameter))
+    if quantized:  # torchao's tensors have no safetensors form; a quantized load is quick to redo
+        raise ValueError(f"cannot save: {len(quantized)} weights are quantized ({quantized[0]}, ...); save the "
+                         "checkpoint the model was loaded from, and quantize while loading: "
+                         "from_pretrained(..., quantize=...)")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with torch.device("meta"):
         missing = sorted(set(type(model)(model.config).state_dict()) - set(state))
