@@ -1,12 +1,13 @@
 """`python -m helios.bench quantize`: what int8 / fp8 weight-only quantization costs and saves, against bf16.
 
-- parameter bytes of the whole 14B transformer (built on the meta device: torchao quantizes meta tensors too, so
-  the byte count is exact without the memory);
+- parameter bytes of the whole 14B transformer and of one block, which is what offload="blocks" copies per block
+  (built on the meta device: torchao quantizes meta tensors too, so the byte count is exact without the memory);
 - the error of one forward against bf16 (max and RMS, relative to the bf16 output), on a tiny and a mid-size model
   with random weights, next to the error of bf16 itself against fp32 for scale;
-- CPU time of that forward;
+- CPU time of that forward, resident and with the quantized blocks streamed (offload="blocks");
 - a whole tiny video (the distilled pipeline): PSNR of the frames against bf16's;
-- peak RSS of from_pretrained(quantize="int8") against a bf16 load, in fresh processes.
+- peak RSS of from_pretrained(quantize="int8"), resident and with offload="blocks", against a bf16 load, in fresh
+  processes.
 
 Random weights are kinder to int8 than trained ones (no outlier rows), so the errors are a floor, not a forecast.
 """
@@ -59,17 +60,19 @@ def run(args) -> dict:
 
 
 def bytes_14b() -> dict:
-    """Parameter bytes of the published transformer's shape: bf16 as loaded, then quantized per scheme."""
-    out = {}
+    """Parameter bytes of the published transformer's shape, and of one of its blocks: bf16 as loaded, then quantized
+    per scheme."""
+    out, block = {}, {}
     for scheme in (None, *SCHEMES):
         with torch.device("meta"):
             model = HeliosTransformer3DModel(HeliosConfig())
         for name, p in model.named_parameters():  # the dtypes from_pretrained(torch_dtype=bf16) gives
             p.data = p.data.to(param_dtype(name, torch.bfloat16))
-        for block in model.blocks if scheme else []:
-            quantize_block(block, scheme)
-        out[scheme or "bf16"] = parameter_bytes(model)
-    return {**out, **{f"{s}_x_bf16": out[s] / out["bf16"] for s in SCHEMES}}
+        for b in model.blocks if scheme else []:
+            quantize_block(b, scheme)
+        out[scheme or "bf16"], block[scheme or "bf16"] = parameter_bytes(model), parameter_bytes(model.blocks[0])
+    return {**out, **{f"{s}_x_bf16": out[s] / out["bf16"] for s in SCHEMES},
+            "block": {**block, **{f"{s}_x_bf16": block[s] / block["bf16"] for s in SCHEMES}}}
 
 
 def forward_errors(cfg: HeliosConfig, frames: int, size: int, runs: int) -> dict:
@@ -80,9 +83,12 @@ def forward_errors(cfg: HeliosConfig, frames: int, size: int, runs: int) -> dict
         HeliosTransformer3DModel(cfg).to(torch.bfloat16).save_pretrained(folder)
         inputs = _inputs(cfg, frames, size)
         outputs, seconds = {}, {}
-        for name, dtype, scheme in (("fp32", torch.float32, None), ("bf16", torch.bfloat16, None),
-                                    ("int8", torch.bfloat16, "int8"), ("fp8", torch.bfloat16, "fp8")):
-            model = HeliosTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, quantize=scheme)
+        half = torch.bfloat16
+        for name, dtype, scheme, offload in (("fp32", torch.float32, None, None), ("bf16", half, None, None),
+                                             ("int8", half, "int8", None), ("fp8", half, "fp8", None),
+                                             ("int8_streamed", half, "int8", "blocks")):
+            model = HeliosTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, quantize=scheme,
+                                                             offload=offload)
             outputs[name], seconds[name] = _timed_forward(model, inputs, runs)
             del model
     finally:
@@ -91,7 +97,8 @@ def forward_errors(cfg: HeliosConfig, frames: int, size: int, runs: int) -> dict
     errors = {name: _errors(outputs[name].float(), bf16) for name in ("fp32", "int8", "fp8")}
     return {"config": {k: v for k, v in cfg.to_dict().items() if k in MID}, "tokens": _tokens(frames, size),
             "error_vs_bf16": errors, "cpu_forward_s": seconds,
-            "cpu_time_x_bf16": {name: seconds[name] / seconds["bf16"] for name in ("int8", "fp8")}}
+            "int8_streamed_equals_int8": bool(torch.equal(outputs["int8_streamed"], outputs["int8"])),
+            "cpu_time_x_bf16": {name: seconds[name] / seconds["bf16"] for name in ("int8", "fp8", "int8_streamed")}}
 
 
 def _inputs(cfg: HeliosConfig, frames: int, size: int) -> dict:
@@ -164,7 +171,7 @@ def load_peaks(layers: int) -> dict:
             folder, max_shard_size="300MB")
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         out = {"checkpoint_bytes": size}
-        for scheme in ("bf16", "int8"):
+        for scheme in ("bf16", "int8", "int8+blocks"):
             cmd = [sys.executable, "-m", "helios.bench", "_qload", str(folder), scheme]
             row = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
             out[scheme] = {**row, "peak_added_x_checkpoint": row["peak_added_bytes"] / size}
@@ -177,14 +184,18 @@ def load_peak(folder: str, scheme: str) -> dict:
     """In a fresh process: load, touch every weight (mmap pages are read lazily), report the peak RSS it added."""
     from .reference import _rss_now, _rss_peak
 
-    quantize = None if scheme == "bf16" else scheme
+    quantize, _, offload = scheme.partition("+")  # "int8+blocks": quantized blocks held for streaming
+    quantize, offload = (None if quantize == "bf16" else quantize), (offload or None)
     with tempfile.TemporaryDirectory() as warm:  # first a tiny load: the imports and caches a first load pays for
         HeliosTransformer3DModel(HeliosConfig(**TINY)).save_pretrained(warm)
-        HeliosTransformer3DModel.from_pretrained(warm, torch_dtype=torch.bfloat16, quantize=quantize)
+        HeliosTransformer3DModel.from_pretrained(warm, torch_dtype=torch.bfloat16, quantize=quantize, offload=offload)
     base = _rss_now()
-    model = HeliosTransformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16, quantize=quantize)
+    model = HeliosTransformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16, quantize=quantize,
+                                                     offload=offload)
     with torch.no_grad():
         for p in model.parameters():
             if type(p) in (torch.Tensor, torch.nn.Parameter):  # quantized weights were made in memory already
                 p.sum()
-    return {"peak_added_bytes": _rss_peak() - base, "parameter_bytes": parameter_bytes(model)}
+    held = [] if offload is None else model.block_stream.checkpoint.blocks  # the quantized blocks in host memory
+    return {"peak_added_bytes": _rss_peak() - base,
+            "parameter_bytes": parameter_bytes(model) + sum(parameter_bytes(b) for b in held)}
