@@ -90,6 +90,7 @@ def test_resume_alone_loads_them_again_and_contradictions_are_named(tmp_path, ad
     assert loaded == [("quantize", "int8"), (str(adapters["a"]), 0.8), (str(adapters["b"]), 1.0)]
     assert (read_video(tmp_path / "fox.mp4")[0] == read_video(tmp_path / "whole.mp4")[0]).all()
 
-    assert generate(*RUN, "--output", "plain.mp4", "--state", "plain.state") == 0
-    assert generate("--resume", "plain.state", "--quantize", "int8") == 2
+    one_chunk = [*RUN[:RUN.index("--num-frames")], "--num-frames", 33, "--lossless", "--quiet"]
+    assert generate(*one_chunk, "--output", "plain.mp4", "--state", "plain.state") == 0
+    assert generate("--resume", "plain.state", "--quantize", "int8") == 2  # refused before "nothing to resume"
     assert "--quantize int8 (the run: none)" in capsys.readouterr().err
