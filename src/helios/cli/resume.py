@@ -1,11 +1,12 @@
 """`helios generate --resume STATE`: the saved run's settings stand in for the arguments left out.
 
 Every state the command saves carries, beside the pipeline's settings (prompt schedule, options with the seed,
-negative prompt), the command's own (`command_settings`): the model, the output file, the video encoding, the dtype,
-the device, the offload mode and the conditioning file; the pipeline's settings hold the transformer's quantization and
-LoRA adapters (files and scales). So `--resume STATE` alone continues a run (a low-memory one keeps its offload, a
-quantized one with adapters gets them again). Arguments given anyway must agree with the state; those that do not are named in one error, before
-anything is loaded. The device and the offload may change (they are where and how the run goes on, not what it makes). Without --resume, the arguments left out get their defaults here.
+negative prompt; the transformer's quantization and LoRA adapters, files and scales), the command's own
+(`command_settings`): the model, the output file, the video encoding, the dtype, the device, the offload mode and the
+conditioning file. So `--resume STATE` alone continues a run (a low-memory one keeps its offload, a quantized one with
+adapters gets them again). Arguments given anyway must agree with the state; those that do not are named in one
+error, before anything is loaded. The device and the offload may change (they are where and how the run goes on, not
+what it makes). Without --resume, the arguments left out get their defaults here.
 """
 
 from __future__ import annotations
