@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
        "OMP_NUM_THREADS": "1"}
 ENV.pop("DIFFUSERS_VERBOSITY", None)  # an in-process `helios` run of another test may have set it in this process
-WITHOUT_ACCELERATE = ("import sys; sys.modules['accelerate'] = None  # importlib finds no such package\n"
+# peft (in the test extra, for the LoRA oracle tests) requires accelerate, so a machine without accelerate has no peft
+# either; hidden too, or diffusers, finding peft, imports its peft loader, which needs accelerate.
+WITHOUT_ACCELERATE = ("import sys; sys.modules['accelerate'] = sys.modules['peft'] = None  # importlib finds neither\n"
                       "from helios.cli import main; sys.exit(main(sys.argv[1:]))")
 FAST = ["--model", "helios-tiny", "--height", 64, "--width", 128, "--pyramid-steps", 1, 1, 1,
         "--no-amplify-first-chunk", "--seed", 7]

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import lora
 from .denoise import Cancelled, denoise_chunk, guided_velocity
 from .folder import ModelFolder, open_model_folder
 from .history import History
@@ -24,6 +25,7 @@ from .model import HeliosTransformer3DModel
 from .offload import Resident, plan_loading
 from .options import VARIANT_DEFAULTS, SamplingOptions, Variant
 from .plan import GenerationPlan, make_plan
+from .quantize import quantization
 from .state import GenerationState, differences, run_settings
 from .steering import PromptTrack, Steering
 from .text import TextEncoder
@@ -91,7 +93,7 @@ class HeliosPipeline:
 
     @classmethod
     def from_pretrained(cls, model, torch_dtype=None, device=None, vae_dtype=torch.float32, offload=None,
-                        text_encoder_device=None) -> HeliosPipeline:
+                        text_encoder_device=None, quantize: str | None = None) -> HeliosPipeline:
         """Load a model: a folder laid out like the published repos, a hub repo id, a built-in name
         ("helios-tiny", "helios-tiny-mid", "helios-tiny-base": tiny random weights), or a folder.ModelFolder.
 
@@ -101,18 +103,23 @@ class HeliosPipeline:
         offload (README "Low memory"): None keeps every component on `device`; "model" keeps them in host memory,
         each on `device` only while it runs; "blocks" also streams the transformer's blocks from the memory-mapped
         checkpoint. text_encoder_device (e.g. "cpu") runs the text encoder there for good.
+        quantize: None, "int8" or "fp8": the transformer's block weights, weight-only, while loading (quantize.py).
         """
         device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if text_encoder_device is not None:
             text_encoder_device = check_device(text_encoder_device, name="text_encoder_device")
         where = plan_loading(offload, device, text_encoder_device)  # checked before anything is read
+        if quantize is not None:
+            from .quantize import check_scheme
+
+            check_scheme(quantize, device)  # before the hub is asked for anything
         torch_dtype = default_dtype(device) if torch_dtype is None else torch_dtype
         holder, folder = open_model_folder(model)
         try:
             folder.check_weight_files()  # a truncated VAE file is found before minutes of loading the transformer
             transformer = HeliosTransformer3DModel.from_pretrained(
                 folder.component("transformer"), torch_dtype=torch_dtype, device=where.transformer,
-                offload=where.transformer_offload)
+                offload=where.transformer_offload, quantize=quantize)
             vae = VideoVAE.from_pretrained(folder.component("vae"), dtype=vae_dtype, device=where.vae)
             text_encoder = TextEncoder.from_pretrained(folder.component("text_encoder"), folder.component("tokenizer"),
                                                        dtype=torch_dtype, device=where.text_encoder)
@@ -129,6 +136,19 @@ class HeliosPipeline:
     def device(self) -> torch.device:
         """Where the work runs (with offload, components visit it in turn)."""
         return self.placement.device
+
+    # LoRA adapters on the transformer (lora.py), under the names diffusers' pipelines use.
+    def load_lora_weights(self, path_or_repo, adapter_name: str | None = None, scale: float = 1.0,
+                          weight_name: str | None = None) -> str:
+        """Add a LoRA (a safetensors file, a folder holding one, or a hub repo); returns the adapter's name."""
+        return lora.load_lora(self.transformer, path_or_repo, adapter_name, scale, weight_name)
+
+    def set_lora_scale(self, adapter_name: str, scale: float) -> None:
+        lora.set_lora_scale(self.transformer, adapter_name, scale)
+
+    def unload_lora_weights(self, adapter_name: str | None = None) -> None:
+        """Remove one adapter, or all (the transformer is then exactly as loaded)."""
+        lora.unload_lora(self.transformer, adapter_name)
 
     def generate(self, prompt, opts: SamplingOptions = SamplingOptions(), negative_prompt: str | None = None,
                  image=None, video=None, resume: GenerationState | str | Path | None = None,
@@ -202,7 +222,7 @@ class HeliosPipeline:
             seed = resume.seed if resume is not None else random.SystemRandom().randrange(2**63)
         # The conditioning image/video is not part of them: a resumed run finds it in the saved memory.
         settings = run_settings(self.variant.name, dataclasses.asdict(dataclasses.replace(opts, seed=seed)), schedule,
-                                negative_prompt)
+                                negative_prompt, quantization(self.transformer), lora.lora_settings(self.transformer))
         if resume is not None and resume.settings != settings:
             raise ValueError("resume: the saved state was made with other settings: "
                              + ", ".join(differences(resume.settings, settings)))

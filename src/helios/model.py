@@ -12,6 +12,7 @@ Differences from Wan 2.1 (same weight names otherwise):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -97,15 +98,23 @@ class HeliosTransformer3DModel(nn.Module):
     # the class to build, so there is no import cycle, and this file holds the model's math only.
     @classmethod
     def from_pretrained(cls, path_or_repo_id, subfolder: str | None = None, torch_dtype=None, device="cpu",
-                        offload: str | None = None):
+                        offload: str | None = None, quantize: str | None = None):
         """Load a folder (config.json + safetensors), a model folder's `subfolder`, or a hub repo id.
 
         offload="blocks": only the small modules are loaded; each block's weights are read from the memory-mapped
-        checkpoint when the block runs (see stream_blocks.py)."""
+        checkpoint when the block runs (see stream_blocks.py).
+        quantize: None, "int8" or "fp8": weight-only, the blocks' Linear layers, block by block while loading
+        (quantize.py); with offload="blocks", the quantized blocks are what streams."""
         from . import weights
 
+        prepare_block = None
+        if quantize is not None:
+            from .quantize import check_scheme, quantize_block
+
+            check_scheme(quantize, device)  # a bad name or an fp8-less device fails before any file is read
+            prepare_block = functools.partial(quantize_block, scheme=quantize)
         return weights.load_transformer(cls, path_or_repo_id, subfolder=subfolder, torch_dtype=torch_dtype,
-                                        device=device, offload=offload)
+                                        device=device, offload=offload, prepare_block=prepare_block)
 
     def save_pretrained(self, directory, max_shard_size: int | str = "10GB") -> None:
         from . import weights
@@ -190,7 +199,8 @@ class HeliosTransformer3DModel(nn.Module):
 
 
 def check_attention_kwargs(attention_kwargs) -> None:
-    # The reference only reads a LoRA "scale" from attention_kwargs; we have no adapters, so it has no effect.
+    # The reference only reads a LoRA "scale" from attention_kwargs. It is accepted for call compatibility and not
+    # applied: LoRA scales are set per adapter, outside the model (lora.set_lora_scale).
     unknown = set(attention_kwargs or {}) - {"scale"}
     if unknown:
         raise ValueError(f"attention_kwargs: unsupported keys {sorted(unknown)} (only 'scale' is accepted)")

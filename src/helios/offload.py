@@ -61,12 +61,13 @@ class ComponentOffload:
         transformer whose blocks stream, a text encoder that runs on the CPU)."""
         self.device = torch.device(device)
         self.modules = dict(components)
-        self.host = {name: _tensors(m) for name, m in components.items() if name not in resident}
+        self.offloaded = [name for name in components if name not in resident]
+        self.host: dict[str, dict[str, torch.Tensor]] = {}  # a component on the device -> its host tensors
         self.on = set()  # names of the offloaded components now on the device
 
     @contextmanager
     def on_device(self, name: str):
-        if name not in self.host or name in self.on:  # resident, or already there (nested use)
+        if name not in self.offloaded or name in self.on:  # resident, or already there (nested use)
             yield
             return
         evicted = sorted(self.on)
@@ -87,19 +88,46 @@ class ComponentOffload:
         self.modules.pop(name, None)
 
     def move(self, name: str, to: str) -> None:
-        """Put component `name`'s tensors on the device (`to="device"`) or back on the host (`to="host"`)."""
-        target = self.device if to == "device" else None
-        for key, tensor in _tensors(self.modules[name]).items():
-            host = self.host[name][key]
-            tensor.data = host if target is None else host.to(target)
-        (self.on.add if to == "device" else self.on.discard)(name)
+        """Put component `name`'s tensors on the device (`to="device"`) or back on the host (`to="host"`).
+
+        The host tensors are taken when the component leaves for the device, not once at the start: tensors added
+        since (LoRA adapters) travel too, and removed ones are not kept alive."""
+        tensors = _tensors(self.modules[name])
+        if to == "device":
+            self.host[name] = {key: _point(tensor, self._to_device(tensor)) for key, tensor in tensors.items()}
+            self.on.add(name)
+        else:
+            host = self.host.pop(name)
+            for key, tensor in tensors.items():
+                _point(tensor, host[key])
+            self.on.discard(name)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device)
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers by name (a tied weight once); detached, so they share the module's storage."""
-    out = {f"p:{k}": v.detach() for k, v in module.named_parameters()}
-    out.update({f"b:{k}": v.detach() for k, v in module.named_buffers()})
+    """The module's own parameter and buffer objects by name (a tied weight once): what its layers compute with."""
+    out = {f"p:{k}": v for k, v in module.named_parameters()}
+    out.update({f"b:{k}": v for k, v in module.named_buffers()})
     return out
+
+
+def _point(tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Make a module's parameter or buffer object hold `value`'s data, copying nothing; returns a tensor holding
+    what it held before (to point it back at). Setting `.data` of a detached view would change the view only.
+
+    A tensor subclass (torchao's quantized weights) cannot take another's data: its contents are swapped with
+    `value`'s, as nn.Module.to does, and `value` then holds the old contents."""
+    if type(tensor) in (torch.Tensor, nn.Parameter):
+        old = tensor.detach()  # shares the storage the tensor has now
+        tensor.data = value
+        return old
+    if value is not tensor:
+        if isinstance(tensor, nn.Parameter):
+            value._is_param = True  # what nn.Parameter marks a subclass with: the module's object stays a Parameter
+        torch.utils.swap_tensors(tensor, value)
+    return value
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,10 @@
 
 The state holds the memory (history latents + anchor), the RNG state of the single generator every random draw
 comes from, the index of the next chunk, the settings that determine the video (variant, resolved options with
-the seed, prompt schedule, negative prompt) and the prompt each chunk used (steering changes included), so that a
-run can be continued from the state alone, and resuming with other settings is refused instead of silently producing
-a different video. An application keeps its own settings beside them in `metadata` (the `helios` command: the model,
-the output file, the video encoding).
+the seed, prompt schedule, negative prompt; the transformer's quantization and LoRA adapters when it has them) and
+the prompt each chunk used (steering changes included), so that a run can be continued from the state alone, and
+resuming with other settings is refused instead of silently producing a different video. An application keeps its
+own settings beside them in `metadata` (the `helios` command: the model, the output file, the video encoding).
 
 The file is a torch.save archive read back with weights_only=True (no code runs on load); the settings, metadata
 and prompt records are stored as JSON text in it, so that they need no pickling rules.
@@ -64,6 +64,16 @@ class GenerationState:
     def negative_prompt(self) -> str | None:
         return self.settings["negative_prompt"]
 
+    @property
+    def quantize(self) -> str | None:
+        """The run's quantization of the transformer ("int8", "fp8"), or None."""
+        return self.settings.get("quantize")
+
+    @property
+    def lora(self) -> list[tuple[str, float]]:
+        """The run's LoRA adapters: (file, scale), in the order they were loaded."""
+        return [(source, scale) for source, scale in self.settings.get("lora", [])]
+
     def with_metadata(self, **metadata) -> GenerationState:
         return dataclasses.replace(self, metadata={**self.metadata, **metadata})
 
@@ -119,10 +129,18 @@ class GenerationState:
             raise ValueError(f"{path}: a damaged helios generation state ({type(err).__name__}: {err})") from err
 
 
-def run_settings(variant: str, opts: dict, schedule, negative_prompt: str | None) -> dict:
-    """What determines a video, as JSON values (tuples become lists), so that a loaded state compares equal."""
+def run_settings(variant: str, opts: dict, schedule, negative_prompt: str | None, quantize: str | None = None,
+                 lora=()) -> dict:
+    """What determines a video, as JSON values (tuples become lists), so that a loaded state compares equal.
+
+    quantize and lora ((file, scale) per adapter, in load order) are the transformer's; they are left out when it
+    has none, so a plain run's settings are what they were before they existed (older states resume)."""
     settings = {"variant": variant, "opts": opts, "schedule": [list(entry) for entry in schedule],
                 "negative_prompt": negative_prompt}
+    if quantize is not None:
+        settings["quantize"] = quantize
+    if lora:
+        settings["lora"] = [[source, scale] for source, scale in lora]
     return json.loads(json.dumps(settings))
 
 
@@ -130,6 +148,7 @@ def differences(saved: dict, given: dict) -> list[str]:
     """Names of the settings that differ (an option as its name: "seed", "height"; else "prompt schedule", ...)."""
     names = [k for k in sorted(set(saved.get("opts", {})) | set(given.get("opts", {})))
              if saved.get("opts", {}).get(k) != given.get("opts", {}).get(k)]
-    labels = {"variant": "model variant", "schedule": "prompt (schedule)", "negative_prompt": "negative prompt"}
+    labels = {"variant": "model variant", "schedule": "prompt (schedule)", "negative_prompt": "negative prompt",
+              "quantize": "quantize", "lora": "LoRA adapters (files, scales)"}
     return names + [label for key, label in labels.items() if saved.get(key) != given.get(key)]
 

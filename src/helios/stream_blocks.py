@@ -20,6 +20,9 @@ compute-after-copy. On a CPU there is one slot by default and every copy is made
 
 Results equal those of the resident model exactly: the slots hold the same values (the same dtype conversion) and
 run the same module code.
+
+With quantize, the blocks are quantized once while loading and held in host memory (held_blocks.py); the stream then
+copies a held block's int8 / float8 tensors and scales into its slots instead of the file's bytes: half of them.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .held_blocks import hold_blocks, leaf_tensors
 from .mapped import MappedCheckpoint, as_bytes
 from .weights import _check_keys, param_dtype, read_config, weight_files
 
@@ -70,7 +74,10 @@ class _Slot:
 
 
 class BlockStream:
-    """The blocks of one transformer, read from `checkpoint` into at most `slots` resident blocks on `device`."""
+    """The blocks of one transformer, read from `checkpoint` into at most `slots` resident blocks on `device`.
+
+    checkpoint: a MappedCheckpoint, or HeldBlocks (quantized blocks in host memory). template: a block on the meta
+    device (the architecture; slots get empty tensors), or a held block (slots are copies of it)."""
 
     def __init__(self, checkpoint: MappedCheckpoint, template: nn.Module, num_blocks: int, torch_dtype, device,
                  slots: int | None = None, prefix: str = "blocks"):
@@ -79,14 +86,15 @@ class BlockStream:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.max_slots = slots or (2 if self.device.type == "cuda" else 1)
-        self.template = template  # a block on the meta device: the slots' architecture
-        self.names = list(template.state_dict())
+        self.template = template
+        self.names = list(leaf_tensors(template))
         self.keys = [[f"{prefix}.{i}.{name}" for name in self.names] for i in range(num_blocks)]
         self.dtypes = {name: param_dtype(f"{prefix}.0.{name}", torch_dtype) for name in self.names}
         self.copies = _CudaCopies(self.device) if self.device.type == "cuda" else _CpuCopies()
         self.slots: list[_Slot] = []
         self._clock = itertools.count(1)
         self._compile: tuple | None = None
+        self.fetched_bytes = 0  # read from the checkpoint (or the held blocks) into slots, for measurements
 
     def run(self, i: int, h: torch.Tensor, *args, **kwargs):
         if h.device != self.device:  # the slots cannot follow a .to(): say so before a kernel fails on it
@@ -123,10 +131,11 @@ class BlockStream:
         """Start copying block i's weights into a free slot (the least recently used)."""
         slot = self._free_slot()
         slot.block, slot.ready = None, None
-        tensors = slot.module.state_dict(keep_vars=True)
+        tensors = leaf_tensors(slot.module)
         reads = [(key, tensors[name]) for key, name in zip(self.keys[i], self.names)]
         slot.ready = self.copies.fetch(self.checkpoint, reads, after=slot.free)
         slot.block = i
+        self.fetched_bytes += sum(self.checkpoint.record(key).nbytes for key in self.keys[i])
         return slot
 
     def release(self, slot: _Slot) -> None:
@@ -156,9 +165,12 @@ class BlockStream:
         # Outside inference mode: inference tensors could not be overwritten in place by a later, ordinary forward.
         with torch.inference_mode(False), torch.no_grad():
             block = copy.deepcopy(self.template)
-            buffers = {name: torch.empty(t.shape, dtype=self.dtypes[name], device=self.device)
-                       for name, t in self.template.state_dict().items()}
-            block.load_state_dict(buffers, strict=True, assign=True)
+            if _on_meta(self.template):
+                buffers = {name: torch.empty(t.shape, dtype=self.dtypes[name], device=self.device)
+                           for name, t in self.template.state_dict().items()}
+                block.load_state_dict(buffers, strict=True, assign=True)
+            else:  # a held (quantized) block: the slot has its structure; its values are overwritten when fetched
+                block = block.to(self.device)
         block = block.eval().requires_grad_(False)
         if self._compile is not None:
             block.compile(*self._compile[0], **self._compile[1])
@@ -228,9 +240,12 @@ class _CudaCopies:
         self.emptied[k] = self.stream.record_event()
 
 
-def load_streamed(model_class, directory: Path, torch_dtype, device, slots: int | None = None):
+def load_streamed(model_class, directory: Path, torch_dtype, device, slots: int | None = None, prepare_block=None):
     """Build `model_class` from a checkpoint folder with its blocks streamed: the small modules are read onto
-    `device` now, each block's weights when it is called. Peak memory while loading: the small modules."""
+    `device` now, each block's weights when it is called. Peak memory while loading: the small modules.
+
+    prepare_block (quantization): each block is read and prepared now, and held in host memory (held_blocks.py);
+    the stream copies the held blocks. The checkpoint is then closed: nothing more is read from it."""
     config = read_config(directory)
     checkpoint = MappedCheckpoint(_safetensors_files(directory))
     try:
@@ -238,7 +253,11 @@ def load_streamed(model_class, directory: Path, torch_dtype, device, slots: int 
             model = model_class(config)
         _check_keys(checkpoint.shapes(), {name: tuple(t.shape) for name, t in model.state_dict().items()})
         blocks = model.blocks
-        stream = BlockStream(checkpoint, blocks[0], len(blocks), torch_dtype, device, slots)
+        source, template = checkpoint, blocks[0]
+        if prepare_block is not None:
+            source = hold_blocks(checkpoint, template, len(blocks), torch_dtype, device, prepare_block)
+            template = source.blocks[0]
+        stream = BlockStream(source, template, len(blocks), torch_dtype, device, slots)
         model.blocks = nn.ModuleList(StreamedBlock(i, stream) for i in range(len(blocks)))
         with torch.no_grad():
             state = {key: checkpoint.read(key, param_dtype(key, torch_dtype), device) for key in model.state_dict()}
@@ -246,8 +265,14 @@ def load_streamed(model_class, directory: Path, torch_dtype, device, slots: int 
     except BaseException:
         checkpoint.close()
         raise
+    if source is not checkpoint:
+        checkpoint.close()
     model.block_stream = stream
     return model.eval()
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return next(iter(module.state_dict().values())).device.type == "meta"
 
 
 def _safetensors_files(directory: Path) -> dict:

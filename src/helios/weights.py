@@ -70,10 +70,15 @@ def weight_files(directory: Path) -> dict[Path, list[str] | None]:
     raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME} and no {INDEX_NAME}")
 
 
-def load_transformer(model_class, path_or_repo_id, subfolder=None, torch_dtype=None, device="cpu", offload=None):
+def load_transformer(model_class, path_or_repo_id, subfolder=None, torch_dtype=None, device="cpu", offload=None,
+                     prepare_block=None):
     """Build `model_class(config)` on the meta device and assign the checkpoint's tensors to it, strictly.
 
-    offload="blocks" leaves the blocks in the checkpoint, to be streamed when called (stream_blocks.py)."""
+    offload="blocks" leaves the blocks in the checkpoint, to be streamed when called (stream_blocks.py).
+    prepare_block(block), if given, is called on each block right after its weights are assigned (quantization
+    replaces them): the blocks are then read one at a time, so that at most one block's checkpoint weights are in
+    memory besides what prepare_block made of the others. With offload="blocks", the prepared blocks are what
+    streams."""
     from .offload import TRANSFORMER_MODES, check_offload
 
     check_offload(offload, TRANSFORMER_MODES, "HeliosTransformer3DModel.from_pretrained")
@@ -81,33 +86,83 @@ def load_transformer(model_class, path_or_repo_id, subfolder=None, torch_dtype=N
     if offload == "blocks":
         from .stream_blocks import load_streamed
 
-        return load_streamed(model_class, directory, torch_dtype or torch.float32, device)
+        return load_streamed(model_class, directory, torch_dtype or torch.float32, device,
+                             prepare_block=prepare_block)
     config = read_config(directory)
     with torch.device("meta"):
         model = model_class(config)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    state = read_state_dict(weight_files(directory), expected, torch_dtype or torch.float32, device)
-    model.load_state_dict(state, strict=True, assign=True)
+    found = index_checkpoint(weight_files(directory), expected)
+    torch_dtype = torch_dtype or torch.float32
+    if prepare_block is None:
+        model.load_state_dict(read_tensors(found, expected, torch_dtype, device), strict=True, assign=True)
+    else:
+        _load_block_by_block(model, lambda prefix: read_tensors(found, expected, torch_dtype, device, prefix),
+                             prepare_block)
     return model.eval()
 
 
-def read_state_dict(files: dict[Path, list[str] | None], expected: dict[str, tuple], torch_dtype, device) -> dict:
-    """Read exactly the expected tensors, each cast to its policy dtype, after checking names and shapes."""
+def _load_block_by_block(model, read, prepare_block) -> None:
+    """read(prefix): the tensors under "blocks.<i>." (named without it), or under no block for prefix ""."""
+    missing = model.load_state_dict(read(""), strict=False, assign=True).missing_keys
+    assert all(k.startswith("blocks.") for k in missing), missing  # the checkpoint's keys were checked before
+    _own_memory(model)
+    for i, block in enumerate(model.blocks):
+        block.load_state_dict(read(f"blocks.{i}."), strict=True, assign=True)
+        prepare_block(block)
+        _own_memory(block)
+
+
+def _own_memory(module) -> None:
+    """Copy the plain CPU tensors read from the checkpoint into memory of their own.
+
+    A tensor read from a memory-mapped safetensors file keeps the whole file mapped, and with it every page read
+    from the file so far: a kept bias would keep the full-precision weights that prepare_block has just replaced
+    resident. Quantized tensors (subclasses) are made in memory already; the plain ones left are small (norms,
+    biases, tables, embeddings: 2% of the 14B model)."""
+    for sub in module.modules():
+        for name, p in sub.named_parameters(recurse=False):
+            if type(p) is torch.nn.Parameter and p.device.type == "cpu":
+                setattr(sub, name, torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+        for name, b in sub.named_buffers(recurse=False):
+            if type(b) is torch.Tensor and b.device.type == "cpu":
+                setattr(sub, name, b.clone())
+
+
+def index_checkpoint(files: dict[Path, list[str] | None], expected: dict[str, tuple]) -> dict[str, tuple[Path, tuple]]:
+    """Each checkpoint key -> (its file, its shape), from the headers only, after checking names and shapes."""
     found: dict[str, tuple[Path, tuple]] = {}
     for path, listed in files.items():
-        with _open(path, device) as f:
+        with _open(path, "cpu") as f:
             keys = set(f.keys())
             if listed is not None and not set(listed) <= keys:
                 raise ValueError(f"{path}: missing keys its index promises: {sorted(set(listed) - keys)[:10]}")
             for key in keys:
                 found[key] = (path, tuple(f.get_slice(key).get_shape()))
     _check_keys(found, expected)
+    return found
+
+
+def read_tensors(found: dict[str, tuple[Path, tuple]], expected: dict[str, tuple], torch_dtype, device,
+                 prefix: str | None = None) -> dict:
+    """The expected tensors, each cast to its policy dtype. With `prefix`, only those under it ("blocks.3."), named
+    without it; "" selects the tensors under no "blocks." prefix (a quantized load reads block by block)."""
+    def wanted(key: str) -> bool:
+        if key not in expected:
+            return False
+        if prefix is None:
+            return True
+        return key.startswith(prefix) if prefix else not key.startswith("blocks.")
+
+    by_file: dict[Path, list[str]] = {}
+    for key, (path, _) in found.items():
+        if wanted(key):
+            by_file.setdefault(path, []).append(key)
     state = {}
-    for path in files:
+    for path, keys in by_file.items():
         with _open(path, device) as f:
-            for key in f.keys():
-                if key in expected:
-                    state[key] = f.get_tensor(key).to(param_dtype(key, torch_dtype))
+            for key in keys:
+                state[key[len(prefix or ""):]] = f.get_tensor(key).to(param_dtype(key, torch_dtype))
     return state
 
 
@@ -141,6 +196,11 @@ def save_transformer(model, directory: str | os.PathLike, max_shard_size: int | 
     """Write config.json and (sharded) safetensors. Files are staged and moved in, so a failure leaves no mix."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
+    quantized = sorted(k for k, v in model.state_dict().items() if type(v) not in (torch.Tensor, torch.nn.Parameter))
+    if quantized:  # torchao's tensors have no safetensors form; a quantized load is quick to redo
+        raise ValueError(f"cannot save: {len(quantized)} weights are quantized ({quantized[0]}, ...); save the "
+                         "checkpoint the model was loaded from, and quantize while loading: "
+                         "from_pretrained(..., quantize=...)")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with torch.device("meta"):
         missing = sorted(set(type(model)(model.config).state_dict()) - set(state))

@@ -6,6 +6,7 @@
     python -m helios.bench memory [--cases ...]     (offload="blocks" vs resident host memory: see memory.py)
     python -m helios.bench phases [--model helios-tiny]   (ours only: the README's first command, phase by phase)
     python -m helios.bench parallel [--processes 1 2 4]   (helios/bench/parallel.py: no reference involved)
+    python -m helios.bench quantize   (int8 / fp8 against bf16: ours only, see bench/quantize.py)
 
 The reference is the oracle of the test suite (`pip install -e ".[test]"`); this module is the only one of the
 package that imports it, for comparison. Runs alternate A B A B and report medians and the ratio ours / reference.
@@ -31,6 +32,7 @@ from ..config import HeliosConfig
 from ..history import History
 from ..model import HeliosTransformer3DModel
 from ..weights import param_dtype
+from . import quantize as bench_quantize
 
 
 def reference_module():
@@ -390,6 +392,7 @@ def parser() -> argparse.ArgumentParser:
     ld = sub.add_parser("_load", add_help=False)
     ld.add_argument("impl")
     ld.add_argument("folder")
+    bench_quantize.add_parser(sub)
     return p
 
 
@@ -413,6 +416,9 @@ def main(argv=None) -> None:
         wall, generation = result["command_wall_median_s"], result["generation_median_s"]
         print(f"the command: {wall:.1f} s, its generation {generation:.1f} s (medians)", file=sys.stderr)
         return
+    if args.command in ("quantize", "_qload"):
+        result = bench_quantize.run(args)
+        return print(json.dumps(result, indent=None if args.command == "_qload" else 2))
     result = {"transformer": bench_transformer, "pipeline": bench_pipeline, "load": bench_load}[args.command](args)
     print(json.dumps(result, indent=2))
     summary = result.get("ratio", result.get("load_ratio"))

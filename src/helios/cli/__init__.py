@@ -39,6 +39,8 @@ examples:
 
   # a GPU with 24 GB or less: stream the transformer's blocks (README: Low memory)
   helios generate --model {PUBLISHED[2]} --prompt "..." --offload blocks --output fox.mp4
+  # int8 weights (half the memory; pip install "helios[quantize]") and a LoRA adapter at scale 0.8
+  helios generate --model {PUBLISHED[2]} --prompt "..." --quantize int8 --lora my_style.safetensors:0.8 -o fox.mp4
 
   # one video on 8 GPUs: each process holds 1/8 of the tokens; --cfg-parallel (Base, Mid) splits guidance's passes
   torchrun --nproc-per-node 8 -m helios generate --model {PUBLISHED[0]} --prompt "..." --cfg-parallel --output fox.mp4
@@ -103,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "Jobs run one at a time, first come first served; they survive a restart with the "
                                 "same --data-dir.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _serve_arguments(serve)
+    _lora_argument(serve)
     _memory_arguments(serve)
     serve.set_defaults(run=_run_serve)
     return parser
@@ -157,6 +160,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     conditioning.add_argument("--image", type=Path, metavar="PATH", help="image-to-video: start from this image")
     conditioning.add_argument("--video", type=Path, metavar="PATH",
                               help="video-to-video: continue this video (at least 33 frames)")
+    _lora_argument(g, " (with --resume, the run's own)")
     v = p.add_argument_group("video")
     v.add_argument("--num-frames", type=checks.frame_count, metavar="N",
                    help="frames to generate, rounded up to whole 33-frame chunks, then trimmed to 4n+1 (default: "
@@ -213,13 +217,23 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--json", action="store_true", help="one JSON object per chunk on stdout, then a summary")
 
 
+def _lora_argument(p, more: str = "") -> None:
+    p.add_argument("--lora", action="append", type=checks.lora_spec, default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA adapter: a safetensors file, a folder holding pytorch_lora_weights.safetensors, or a "
+                   f"Hugging Face repo id; SCALE defaults to 1. Repeat for several adapters{more}")
+
+
 def _memory_arguments(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("low memory (README: Low memory)")
     m.add_argument("--offload", choices=("model", "blocks"),
                    help="model: keep the text encoder, transformer and VAE in RAM, each on the GPU only while it runs "
                    "(the GPU holds the largest one, 28.6 GB at 14B); blocks: also stream the transformer's blocks "
                    "from the checkpoint file through two GPU buffers (a few GB of GPU memory, little RAM; bound by "
-                   "PCIe). Default: everything stays on the device")
+                   "PCIe; with --quantize, the quantized blocks are held in RAM and stream from there, half the "
+                   "bytes). Default: everything stays on the device")
+    m.add_argument("--quantize", choices=("int8", "fp8"), help="weight-only quantization of the transformer's blocks "
+                   "while loading: about half the bytes of bf16, 14.6 GB at 14B (needs torchao: pip install "
+                   "\"helios[quantize]\"; with --resume, the run's own)")
     m.add_argument("--text-encoder-device", metavar="DEVICE",
                    help="run the text encoder here for good, e.g. cpu (then it needs no GPU memory; it runs once per "
                    "prompt). Default: --device")

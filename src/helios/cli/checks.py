@@ -54,6 +54,18 @@ def guidance(text: str) -> float:
     return value
 
 
+def lora_spec(text: str) -> tuple[str, float]:
+    """--lora PATH[:SCALE] -> (PATH, SCALE); a colon not followed by a number belongs to the path."""
+    path, _, scale = text.rpartition(":")
+    try:
+        value = float(scale)
+    except ValueError:
+        return text, 1.0
+    if not path or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be PATH or PATH:SCALE with a finite SCALE, got {text!r}")
+    return path, value
+
+
 def check_flags(args) -> None:
     """Flag combinations and files, before anything is loaded (and before --resume fills in the arguments left out;
     check_output after it)."""
@@ -94,6 +106,19 @@ def device_and_dtype(args):
     device = check_device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu",
                           name="--device")
     return device, default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+
+
+def check_lora(args) -> None:
+    """--lora files exist (or are repo ids), and go with the offload mode: said before the model loads."""
+    from pathlib import Path
+
+    from ..folder import REPO_ID
+
+    for path, _ in args.lora:
+        if not Path(path).expanduser().exists() and not REPO_ID.match(path):
+            raise FileNotFoundError(f"--lora {path}: no such file or folder (nor a Hugging Face repo id)")
+    if args.lora and args.offload == "blocks":  # said now, not after loading (and quantizing) the model
+        raise ValueError("--lora with --offload blocks: streamed blocks take no LoRA adapters; use --offload model")
 
 
 def text_encoder_device(args):

@@ -44,6 +44,11 @@ def quiet_libraries(debug: bool) -> None:
         return
     import logging
 
+    # torchao (the quantize extra: diffusers imports it whenever it is installed) logs lines about optional native
+    # kernels it does not need and about deprecated torch.compile registrations (through torch's pytree logger) when
+    # it is imported; these loggers keep a level set before that import.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as transformers_logging
 

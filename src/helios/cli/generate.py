@@ -14,7 +14,7 @@ from pathlib import Path
 from ..folder import check_model_name, noise_notice, open_model
 from ..launch import check_launch, leave_together, process_device, process_group, rank, world_size
 from ..video_io import SUFFIXES, VideoSettings, VideoWriter, partial_path, to_uint8
-from .checks import check_flags, check_output, device_and_dtype, text_encoder_device
+from .checks import check_flags, check_lora, check_output, device_and_dtype, text_encoder_device
 from .common import EXIT_INTERRUPTED, GenerationFailed, check_writable, quiet_libraries
 from .progress import Progress, peak_memory
 from .resume import command_settings, given_options, resolve_arguments
@@ -62,11 +62,13 @@ def generate(args) -> int:
 
 
 def _load(pipeline_class, model, args, placement, several: bool):
-    """The pipeline on `placement` (device, dtype, text encoder device), parallelized when the launch has several
-    processes, compiled with --compile."""
+    """The pipeline on `placement` (device, dtype, text encoder device), quantized and with its LoRA adapters as
+    asked, parallelized when the launch has several processes, compiled with --compile."""
     device, dtype, encoder_device = placement
     pipe = pipeline_class.from_pretrained(model, torch_dtype=dtype, device=device, offload=args.offload,
-                                          text_encoder_device=encoder_device)
+                                          text_encoder_device=encoder_device, quantize=args.quantize)
+    for path, scale in args.lora:
+        pipe.load_lora_weights(path, scale=scale)
     if several:
         from ..parallel import parallelize_pipeline
 
@@ -89,6 +91,7 @@ def _check_paths(args) -> None:
         path = getattr(args, flag)
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file")
+    check_lora(args)
     if args.schedule_id is not None and args.prompt_schedule is None:
         raise ValueError("--schedule-id picks a video from a --prompt-schedule CSV; there is none")
     if args.prompt is not None and not args.prompt.strip():

@@ -1,13 +1,14 @@
 """`helios generate --resume STATE`: the saved run's settings stand in for the arguments left out.
 
 Every state the command saves carries, beside the pipeline's settings (prompt schedule, options with the seed,
-negative prompt), the command's own (`command_settings`): the model, the output file, the video encoding, the dtype,
-the device, the offload mode, CFG parallelism and the conditioning file. So `--resume STATE` alone continues a run (a
-low-memory one keeps its offload). Arguments given anyway must agree with the state; those that do not are named in
-one error, before anything is loaded. The device, the offload and CFG parallelism may change (they are where and how
-the run goes on, not what it makes). Under torchrun every process resolves the arguments from the state (rank 0
-saved it); the saved --cfg-parallel holds when the launch has an even number of processes. Without --resume, the
-arguments left out get their defaults here.
+negative prompt; the transformer's quantization and LoRA adapters, files and scales), the command's own
+(`command_settings`): the model, the output file, the video encoding, the dtype, the device, the offload mode, CFG
+parallelism and the conditioning file. So `--resume STATE` alone continues a run (a low-memory one keeps its offload,
+a quantized one with adapters gets them again). Arguments given anyway must agree with the state; those that do not
+are named in one error, before anything is loaded. The device, the offload and CFG parallelism may change (they are
+where and how the run goes on, not what it makes). Under torchrun every process resolves the arguments from the
+state (rank 0 saved it); the saved --cfg-parallel holds when the launch has an even number of processes. Without
+--resume, the arguments left out get their defaults here.
 """
 
 from __future__ import annotations
@@ -105,11 +106,33 @@ def _take_saved(args, state) -> None:
         if getattr(args, kind) is not None and saved and _absolute(getattr(args, kind)) != saved.get(kind):
             conflicts.append((kind, getattr(args, kind), saved.get(kind)))
     _check_prompts(args, state, conflicts)
+    _take_transformer_settings(args, state, conflicts)
     options = state.options  # resolved: a given option must be what the run used (--guidance 5 of a distilled run: 1)
     conflicts += [(OPTION_ARGUMENTS[field], value, getattr(options, field))
                   for field, value in given_options(args).items() if value != getattr(options, field)]
     if conflicts:
         _refuse(args, conflicts)
+
+
+def _take_transformer_settings(args, state, conflicts: list) -> None:
+    """--quantize and --lora: what the run's transformer was made of changes the video, so they are the run's."""
+    if args.quantize is None:
+        args.quantize = state.quantize
+    elif args.quantize != state.quantize:
+        conflicts.append(("quantize", args.quantize, state.quantize or "none"))
+    if not args.lora:
+        args.lora = state.lora
+    elif _lora_files(args.lora) != state.lora:
+        given = ", ".join(f"{path}:{scale:g}" for path, scale in args.lora)
+        saved = ", ".join(f"{Path(path).name}:{scale:g}" for path, scale in state.lora) or "none"
+        conflicts.append(("lora", given, saved))
+
+
+def _lora_files(lora) -> list[tuple[str, float]]:
+    """--lora PATH:SCALE arguments as the state names them: the file read, as an absolute path."""
+    from ..lora_format import locate
+
+    return [(str(locate(path).absolute()), scale) for path, scale in lora]
 
 
 def _check_prompts(args, state, conflicts: list) -> None:

@@ -28,8 +28,9 @@ def serve(args) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     quiet_libraries(args.debug)
     from ..generate import HeliosPipeline
-    from .checks import device_and_dtype, text_encoder_device
+    from .checks import check_lora, device_and_dtype, text_encoder_device
 
+    check_lora(args)
     device, dtype = device_and_dtype(args)  # an unusable device is bad input, said before loading
     encoder_device = text_encoder_device(args)
     holder, model = open_model_folder(args.model)
@@ -38,7 +39,9 @@ def serve(args) -> int:
         device = process_device(device)  # under torchrun: this process's GPU
         with process_group(device, args.dist_timeout) as several:
             pipe = HeliosPipeline.from_pretrained(model, torch_dtype=dtype, device=device, offload=args.offload,
-                                                  text_encoder_device=encoder_device)
+                                                  text_encoder_device=encoder_device, quantize=args.quantize)
+            for path, scale in args.lora:
+                pipe.load_lora_weights(path, scale=scale)
             if several:
                 return _serve_in_parallel(args, pipe, model, key, data_dir)
             return _serve(args, pipe, model, key, data_dir)
