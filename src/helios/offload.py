@@ -86,6 +86,8 @@ class ComponentOffload:
         parallel.py the ranks other than 0 receive the text embeddings instead of encoding them)."""
         self.host.pop(name, None)
         self.modules.pop(name, None)
+        if name in self.offloaded:  # on_device(name) is then a no-op, as for a resident component
+            self.offloaded.remove(name)
 
     def move(self, name: str, to: str) -> None:
         """Put component `name`'s tensors on the device (`to="device"`) or back on the host (`to="host"`).
