@@ -97,7 +97,7 @@ def main(models: Path, out: Path) -> None:
             "text_encodes": encodes(), "decodes": len(pipe.vae.vae.decodes),
             "frames": [c.frames.shape[0] for c in chunks],
             "text_encoder_kept": pipe.text_encoder.encoder is not None,
-            "text_encoder_moved": "text_encoder" in getattr(pipe.placement, "host", {}),  # offload's to move
+            "text_encoder_moved": "text_encoder" in getattr(pipe.placement, "offloaded", ()),  # offload's to move
             "tokens_held": list(pipe.transformer.placement.local_lengths),
             "checksum": float(latents.double().sum()), "bytes": latents.numpy().tobytes().hex()[:64],
         }
