@@ -154,7 +154,8 @@ def test_a_session_that_never_starts_is_closed(server):
 
 def test_a_stalled_session_is_closed_without_harming_other_jobs(impatient_server):
     with httpx.Client(base_url=impatient_server.url, timeout=60) as client:
-        video = client.post("/v1/videos", json={"prompt": "a long job", "num_frames": 33 * 8, **FAST}).json()
+        # Long enough (40 chunks) to outlast the 2 s stall limit on a fast idle machine; deleted at the end.
+        video = client.post("/v1/videos", json={"prompt": "a long job", "num_frames": 33 * 40, **FAST}).json()
         wait_for(client, video["id"], statuses=("in_progress",))
         with _ws(impatient_server) as ws:  # queued behind the long job: no progress and no ping for 2 s
             _start(ws, prompt="waiting", **FAST)
@@ -169,7 +170,8 @@ def test_a_stalled_session_is_closed_without_harming_other_jobs(impatient_server
 
 def test_a_disconnected_session_is_cancelled_without_harming_other_jobs(server):
     with httpx.Client(base_url=server.url, timeout=60) as client:
-        video = client.post("/v1/videos", json={"prompt": "a long job", "num_frames": 33 * 5, **FAST}).json()
+        # 15 chunks: still running after the session's cancellation, also on a fast idle machine
+        video = client.post("/v1/videos", json={"prompt": "a long job", "num_frames": 33 * 15, **FAST}).json()
         wait_for(client, video["id"], statuses=("in_progress",))
         with _ws(server) as ws:
             _start(ws, prompt="gone soon", num_frames=99, **FAST)
