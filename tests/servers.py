@@ -54,6 +54,12 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"helios serve did not answer within {timeout} s:\n{self.log.read_text()}")
 
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)

@@ -107,15 +107,12 @@ def test_helios_serve_takes_quantize_and_lora(tmp_path, adapters):
 
     assert main(["serve", "--model", "helios-tiny", "--lora", str(adapters["a"]), "--offload", "blocks",
                  "--data-dir", str(tmp_path / "refused")]) == 2
-    server = ServerProcess(tmp_path / "serve", "--quantize", "int8", "--lora", f"{adapters['a']}:0.5").start()
-    try:
+    with ServerProcess(tmp_path / "serve", "--quantize", "int8", "--lora", f"{adapters['a']}:0.5") as server:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             video = client.post("/v1/videos", json={"prompt": "a red fox", "seconds": 1, "seed": 4, **FAST}).json()
             assert wait_for(client, video["id"])["status"] == "completed"
         (state,) = (tmp_path / "serve" / "data").rglob("state.pt")
         served = helios.state.GenerationState.load(state)
-    finally:
-        server.stop()
     assert served.quantize == "int8" and served.lora == [(str(adapters["a"]), 0.5)]
     opts = SamplingOptions(height=64, width=64, num_frames=24, pyramid_num_inference_steps_list=(1, 1, 1),
                            is_amplify_first_chunk=False, seed=4)

@@ -16,10 +16,9 @@ pytestmark = pytest.mark.slow  # the real server process
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc = ServerProcess(tmp_path_factory.mktemp("serve"), "--max-seconds", "5", "--max-upload-mb", "1",
-                         "--max-queue", "2").start()
-    yield proc
-    proc.stop()
+    with ServerProcess(tmp_path_factory.mktemp("serve"), "--max-seconds", "5", "--max-upload-mb", "1",
+                       "--max-queue", "2") as proc:
+        yield proc
 
 
 @pytest.fixture

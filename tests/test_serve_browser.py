@@ -19,9 +19,8 @@ if not (CHROMIUM and DRIVER) and not os.environ.get("CI"):  # CI installs them (
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc = ServerProcess(tmp_path_factory.mktemp("serve")).start()
-    yield proc
-    proc.stop()
+    with ServerProcess(tmp_path_factory.mktemp("serve")) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +106,7 @@ def test_with_an_api_key_the_page_works_with_the_key_as_a_basic_password(tmp_pat
     """A browser cannot send a bearer token when it opens a page: the server's 401 asks for Basic credentials, the
     key as the password; the browser then sends them with the page's files and requests and its WebSocket."""
     key = "page-key"
-    proc = ServerProcess(tmp_path / "keyed", "--api-key", key).start()
-    try:
+    with ServerProcess(tmp_path / "keyed", "--api-key", key) as proc:
         browser.get(proc.url.replace("http://", f"http://helios:{key}@") + "/")
         _wait(browser, "return document.getElementById('model').textContent === 'helios-tiny'", what="the model")
         _fill(browser, "prompt", "a red fox")
@@ -118,5 +116,3 @@ def test_with_an_api_key_the_page_works_with_the_key_as_a_basic_password(tmp_pat
         _wait(browser, "return window.helios.done", what="session.done over the keyed WebSocket")
         assert browser.execute_script("return window.helios.errors") == []
         assert len(browser.execute_script("return window.helios.chunks")) == 1
-    finally:
-        proc.stop()

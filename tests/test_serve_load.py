@@ -34,8 +34,7 @@ def _client(url, n, outcomes, lock):
 
 
 def test_eight_clients_many_jobs(tmp_path):
-    server = ServerProcess(tmp_path / "serve", "--max-queue", "32").start()
-    try:
+    with ServerProcess(tmp_path / "serve", "--max-queue", "32") as server:
         with httpx.Client(base_url=server.url, timeout=120) as client:
             first = client.post("/v1/videos", json={"prompt": "warm up", "seconds": 1, **FAST}).json()
             wait_for(client, first["id"])
@@ -64,5 +63,3 @@ def test_eight_clients_many_jobs(tmp_path):
         assert rss_after <= 1.10 * rss_first, (rss_first, rss_after)
         print(f"RSS after the first job {rss_first / 2**20:.0f} MiB, after {CLIENTS * JOBS_EACH} more "
               f"{rss_after / 2**20:.0f} MiB")
-    finally:
-        server.stop()

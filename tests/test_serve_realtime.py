@@ -19,17 +19,15 @@ pytestmark = pytest.mark.slow  # the real server process
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc = ServerProcess(tmp_path_factory.mktemp("serve")).start()
-    yield proc
-    proc.stop()
+    with ServerProcess(tmp_path_factory.mktemp("serve")) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def impatient_server(tmp_path_factory):
     """Closes sessions after 2 s without progress (60 s by default: too long to wait for in a test)."""
-    proc = ServerProcess(tmp_path_factory.mktemp("serve"), "--session-timeout", "2").start()
-    yield proc
-    proc.stop()
+    with ServerProcess(tmp_path_factory.mktemp("serve"), "--session-timeout", "2") as proc:
+        yield proc
 
 
 def _ws(server):

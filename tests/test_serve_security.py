@@ -23,9 +23,8 @@ def basic(user: str, password: str) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc = ServerProcess(tmp_path_factory.mktemp("serve"), env={"HELIOS_API_KEY": KEY}).start()
-    yield proc
-    proc.stop()
+    with ServerProcess(tmp_path_factory.mktemp("serve"), env={"HELIOS_API_KEY": KEY}) as proc:
+        yield proc
 
 
 @pytest.mark.parametrize("method, path", [
