@@ -31,7 +31,7 @@ def offline_hub(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_folders(tmp_path_factory):
     """variant -> a tiny model folder (seed 0), built once per session; tests must not modify them."""
-    from helios.tiny import build_tiny_model
+    from helios.pipeline.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-models")
     return {v: build_tiny_model(root / v, variant=v, seed=0) for v in ("base", "mid", "distilled")}

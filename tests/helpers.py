@@ -276,7 +276,7 @@ def set_scheduler_gamma(folder: Path, gamma: float) -> Path:
 
 def allow_singular_block_noise(monkeypatch, gamma: float) -> None:
     """Let the reference run at gamma = 1/3: where its fp32 Cholesky of (1 + g) I - g 11^T + 1e-8 I fails (the
-    jitter is lost in fp32 and LAPACK refuses the matrix), factor the float64 matrix, as helios.schedule does."""
+    jitter is lost in fp32 and LAPACK refuses the matrix), factor the float64 matrix, as helios.sampling.schedule does."""
     cholesky = torch.linalg.cholesky
 
     def fallback(a, *args, **kwargs):

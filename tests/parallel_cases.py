@@ -79,7 +79,7 @@ def generate_case(pipe: HeliosPipeline, case: Case, **kwargs):
 def main(models: Path, out: Path) -> None:
     import torch.distributed as dist
 
-    from helios.parallel import parallelize, parallelize_pipeline
+    from helios.scale.parallel import parallelize, parallelize_pipeline
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -106,7 +106,7 @@ def main(models: Path, out: Path) -> None:
     seen["heads_error"] = _heads_error(models, world, parallelize)
     seen["forwards"] = _forwards(parallelize)
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
-    dist.barrier()  # leave together (see helios.launch.leave_together)
+    dist.barrier()  # leave together (see helios.scale.launch.leave_together)
     dist.destroy_process_group()
 
 
@@ -153,7 +153,7 @@ def _forwards(parallelize) -> dict:
 def _heads_error(models: Path, world: int, parallelize) -> str:
     """The error for a model whose heads do not divide by the process count (world + 1 heads)."""
     from helios import HeliosTransformer3DModel
-    from helios.config import HeliosConfig
+    from helios.model.config import HeliosConfig
 
     config = json.loads((models / "distilled" / "transformer" / "config.json").read_text())
     keys = {k: v for k, v in config.items() if not k.startswith("_")}

@@ -26,11 +26,11 @@ import torch
 from helpers import make_inputs, make_ours, tiny_config
 
 from helios import HeliosConfig, HeliosPipeline, HeliosTransformer3DModel, SamplingOptions, make_plan
-from helios.folder import read_variant
-from helios.generate import default_dtype
-from helios.media import load_image, load_video, read_video
-from helios.options import MAX_FRAMES
-from helios.video_io import VideoSettings, VideoWriter, read_fragments
+from helios.pipeline.folder import read_variant
+from helios.pipeline.generate import default_dtype
+from helios.pipeline.media import load_image, load_video, read_video
+from helios.sampling.options import MAX_FRAMES
+from helios.pipeline.video_io import VideoSettings, VideoWriter, read_fragments
 
 FAST = ["--height", 64, "--width", 128, "--pyramid-steps", 1, 1, 1, "--no-amplify-first-chunk", "--seed", 7,
         "--num-frames", 33, "--quiet"]

@@ -23,7 +23,7 @@ import pytest
 
 from helpers import write_video
 
-from helios.media import read_video
+from helios.pipeline.media import read_video
 
 pytestmark = pytest.mark.slow  # real `helios` processes
 
@@ -196,7 +196,7 @@ def test_info_describes_and_checks_the_builtin_model(started):
 
 def test_info_names_missing_and_broken_components(tmp_path):
     from helios.cli.info import describe
-    from helios.tiny import build_tiny_model
+    from helios.pipeline.tiny import build_tiny_model
 
     folder = build_tiny_model(tmp_path / "model")
     shutil.rmtree(folder / "vae")
@@ -256,11 +256,11 @@ def test_bad_input_is_one_line_on_stderr_and_leaves_no_file(tmp_path):
 def test_compile_flag_compiles_the_pipelines_transformer(tmp_path, monkeypatch):
     # In-process, with compile_blocks recorded rather than run: compiling every pyramid stage on CPU would take
     # minutes, and tests/test_speed.py checks that compiled blocks match eager ones.
-    import helios.speed
+    import helios.scale.speed
     from helios.cli import main
 
     compiled = []
-    monkeypatch.setattr(helios.speed, "compile_blocks", lambda model: compiled.append(model) or model)
+    monkeypatch.setattr(helios.scale.speed, "compile_blocks", lambda model: compiled.append(model) or model)
     monkeypatch.chdir(tmp_path)
     args = [*map(str, FAST), "--prompt", "a fox", "--num-frames", "33", "--quiet"]
     assert main(["generate", *args, "--output", "fox.mp4", "--compile"]) == 0

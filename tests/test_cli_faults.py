@@ -18,8 +18,8 @@ import av
 import numpy as np
 import pytest
 
-from helios.media import read_video
-from helios.video_io import read_fragments
+from helios.pipeline.media import read_video
+from helios.pipeline.video_io import read_fragments
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),

@@ -81,7 +81,7 @@ def test_only_helios_warnings_are_shown_without_debug():
         show_warnings(quiet=False, debug=sys.argv[1] == "debug")
         warnings.warn_explicit("from somelib", UserWarning, "/site-packages/somelib/models.py", 1, module="somelib")
         warnings.warn_explicit("from helios", UserWarning, os.path.join(HELIOS_DIR, "options.py"), 1,
-                               module="helios.options")
+                               module="helios.sampling.options")
     """
     for debug in (False, True):
         result = subprocess.run([sys.executable, "-c", script, "debug" if debug else "-"], env=ENV, text=True,

@@ -10,10 +10,10 @@ import os
 import numpy as np
 import pytest
 
-import helios.state
-import helios.video_io
+import helios.pipeline.state
+import helios.pipeline.video_io
 from helios.cli import main
-from helios.media import read_video
+from helios.pipeline.media import read_video
 
 pytestmark = pytest.mark.slow  # whole runs of the command, in-process
 
@@ -59,7 +59,7 @@ def interrupted(tmp_path, monkeypatch, capsys):
     run_dir.mkdir()
     monkeypatch.chdir(run_dir)
     with monkeypatch.context() as patch:
-        stop_at(patch, helios.video_io.VideoWriter, "write", 2, KeyboardInterrupt())
+        stop_at(patch, helios.pipeline.video_io.VideoWriter, "write", 2, KeyboardInterrupt())
         assert generate(*RUN, "--json", "--output", "fox.mp4", "--state", "fox.state") == 130
     err = capsys.readouterr().err
     assert ("interrupted after 1 chunks: the first 33 frames are in fox.partial.mp4; continue with: helios generate "
@@ -107,7 +107,7 @@ def test_the_state_keeps_the_low_memory_settings(interrupted):
     text-encoder device given at resume is no contradiction: they change where the run goes on, not what it makes."""
     from helios.cli import build_parser
     from helios.cli.resume import resolve_arguments
-    from helios.state import GenerationState
+    from helios.pipeline.state import GenerationState
 
     state = GenerationState.load(interrupted / "fox.state")
     assert state.metadata["offload"] is None and state.metadata["text_encoder_device"] is None  # the run's own
@@ -121,7 +121,7 @@ def test_the_state_keeps_the_low_memory_settings(interrupted):
 
 
 def test_a_state_saved_from_python_needs_the_model(interrupted, capsys):
-    from helios.state import GenerationState
+    from helios.pipeline.state import GenerationState
 
     state = GenerationState.load(interrupted / "fox.state")
     GenerationState(state.history, state.rng_state, state.next_chunk, state.seed, state.settings).save("py.state")
@@ -144,9 +144,9 @@ def test_without_resume_the_model_and_a_prompt_are_required(tmp_path, monkeypatc
 
 def test_a_full_disk_at_the_first_state_gives_no_advice_to_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    full = helios.state.StateSaveError("cannot save the generation state to fox.state: No space left on device (the "
+    full = helios.pipeline.state.StateSaveError("cannot save the generation state to fox.state: No space left on device (the "
                                        "previous state, if any, is unchanged)", errno.ENOSPC)
-    stop_at(monkeypatch, helios.state.GenerationState, "save", 1, full)
+    stop_at(monkeypatch, helios.pipeline.state.GenerationState, "save", 1, full)
     assert generate(*RUN, "--quiet", "--output", "fox.mp4", "--state", "fox.state") == 1
     err = capsys.readouterr().err
     assert err == ("helios: error: generation failed after 1 chunks (the first 33 frames are in fox.partial.mp4): "
@@ -157,13 +157,13 @@ def test_a_full_disk_at_the_first_state_gives_no_advice_to_resume(tmp_path, monk
 
 def test_a_full_disk_at_a_later_state_points_to_the_one_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    full = helios.state.StateSaveError("cannot save the generation state to fox.state: No space left on device",
+    full = helios.pipeline.state.StateSaveError("cannot save the generation state to fox.state: No space left on device",
                                        errno.ENOSPC)
-    stop_at(monkeypatch, helios.state.GenerationState, "save", 2, full)
+    stop_at(monkeypatch, helios.pipeline.state.GenerationState, "save", 2, full)
     assert generate(*RUN, "--quiet", "--output", "fox.mp4", "--state", "fox.state") == 1
     err = capsys.readouterr().err
     assert "continue with: helios generate --resume fox.state): cannot save the generation state" in err
-    assert helios.state.GenerationState.load("fox.state").next_chunk == 1
+    assert helios.pipeline.state.GenerationState.load("fox.state").next_chunk == 1
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     assert generate("--resume", "fox.state", "--quiet") == 0  # and it does continue

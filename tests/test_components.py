@@ -16,9 +16,9 @@ from diffusers.pipelines.helios.pipeline_helios_pyramid import prompt_clean as r
 from helpers import REFERENCE_CLASSES, allow_singular_block_noise, contiguous_outputs
 
 from helios import HeliosTransformer3DModel
-from helios.text import TextEncoder, clean_prompt
-from helios.tiny import TINY_UMT5, WORDS, build_tiny_model
-from helios.vae import VideoVAE
+from helios.pipeline.text import TextEncoder, clean_prompt
+from helios.pipeline.tiny import TINY_UMT5, WORDS, build_tiny_model
+from helios.pipeline.vae import VideoVAE
 
 H, W = 32, 48  # pixels for the VAE tests: multiples of 8, not square
 MESSY = [

@@ -1,4 +1,4 @@
-"""One chunk's sampling (helios.denoise with plan.stage_schedules) against the reference pipelines' real __call__.
+"""One chunk's sampling (helios.sampling.denoise with plan.stage_schedules) against the reference pipelines' real __call__.
 
 The reference pipelines run with a tiny deterministic stand-in for the transformer and an identity VAE; ours runs the
 same stand-in through denoise_chunk and guided_velocity, the code generate.py runs. Latents must agree to 1e-6.
@@ -12,10 +12,10 @@ import torch
 from diffusers import HeliosDMDScheduler, HeliosPipeline, HeliosPyramidPipeline, HeliosScheduler
 from helpers import rel_err
 
-from helios import schedule as S
-from helios.denoise import Cancelled, denoise_chunk, guided_velocity
-from helios.options import SamplingOptions, Variant
-from helios.plan import stage_schedules
+from helios.sampling import schedule as S
+from helios.sampling.denoise import Cancelled, denoise_chunk, guided_velocity
+from helios.sampling.options import SamplingOptions, Variant
+from helios.sampling.plan import stage_schedules
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from helios import HeliosPipeline, SamplingOptions
-from helios.denoise import Cancelled
-from helios.prompts import as_schedule, blend_for_chunk
-from helios.state import GenerationState
-from helios.tiny import build_tiny_model
+from helios.sampling.denoise import Cancelled
+from helios.sampling.prompts import as_schedule, blend_for_chunk
+from helios.pipeline.state import GenerationState
+from helios.pipeline.tiny import build_tiny_model
 
 H, W = 64, 128
 FAST = dict(height=H, width=W, pyramid_num_inference_steps_list=(1, 1, 1), is_amplify_first_chunk=False, seed=7)

@@ -14,7 +14,7 @@ diffusers = pytest.importorskip("diffusers")
 from helpers import REFERENCE_CLASSES, contiguous_outputs, rel_err, set_scheduler_gamma  # noqa: E402
 
 from helios import HeliosPipeline, SamplingOptions  # noqa: E402
-from helios.tiny import build_tiny_model  # noqa: E402
+from helios.pipeline.tiny import build_tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.slow  # whole generations against the reference
 

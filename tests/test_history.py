@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helios.history import History
+from helios.sampling.history import History
 
 
 def latents(frames, value=None, seed=0):

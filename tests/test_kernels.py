@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helios import kernels
+from helios.model import kernels
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE = "import torch; from helios import kernels; " \
+PROBE = "import torch; from helios.model import kernels; " \
         "print(kernels.onednn_linear(torch.bfloat16) is not None, kernels.onednn_linear(torch.float32) is not None)"
 
 
@@ -84,7 +84,7 @@ def test_attention_and_linears_are_replaced_from_outside_the_model():
     from helpers import make_inputs, tiny_config
 
     from helios import HeliosTransformer3DModel
-    from helios.layers import Linear
+    from helios.model.layers import Linear
 
     model = HeliosTransformer3DModel(**tiny_config()).eval()
     inputs = make_inputs(tiny_config())

@@ -16,9 +16,9 @@ pytest.importorskip("peft")  # the reference's LoRA loader needs it
 from helpers import REFERENCE_CLASSES, contiguous_outputs, fake_hub_snapshot, set_scheduler_gamma  # noqa: E402
 
 from helios import HeliosPipeline, HeliosTransformer3DModel, SamplingOptions  # noqa: E402
-from helios.lora import LoRALayer, load_lora, lora_adapters, set_lora_scale, unload_lora  # noqa: E402
-from helios.tiny import build_tiny_model  # noqa: E402
-from helios.vae import TINY_VAE_CONFIG, build_vae  # noqa: E402
+from helios.scale.lora import LoRALayer, load_lora, lora_adapters, set_lora_scale, unload_lora  # noqa: E402
+from helios.pipeline.tiny import build_tiny_model  # noqa: E402
+from helios.pipeline.vae import TINY_VAE_CONFIG, build_vae  # noqa: E402
 
 H, W, PROMPT, NEGATIVE, SEED = 64, 128, "a red fox runs through the snow", "blurry, static", 7
 OPTIONS = {  # (ours, the reference's keyword arguments): short runs
@@ -356,7 +356,7 @@ def test_helios_generate_lora_and_quantize_flags(files, tmp_path):
 
     from test_cli_quiet import BAR
 
-    from helios.media import read_video
+    from helios.pipeline.media import read_video
 
     entry_point = Path(sys.executable).parent / "helios"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -7,7 +7,7 @@ import torch
 
 from helpers import write_video
 
-from helios.media import load_image, load_video
+from helios.pipeline.media import load_image, load_video
 
 
 def frames(count=5, h=16, w=24):

@@ -16,10 +16,10 @@ import torch
 
 from helios import HeliosPipeline, SamplingOptions
 from helios.cli import main
-from helios.media import read_video
-from helios.offload import ComponentOffload, plan_loading
-from helios.state import GenerationState
-from helios.tiny import build_tiny_model
+from helios.pipeline.media import read_video
+from helios.scale.offload import ComponentOffload, plan_loading
+from helios.pipeline.state import GenerationState
+from helios.pipeline.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 64, 128
@@ -71,9 +71,9 @@ def test_a_text_encoder_on_the_cpu_gives_the_same_video(tiny_folders, resident_v
 
 
 def test_unknown_offload_mode_names_the_choices_before_loading_anything(tiny_folder, monkeypatch):
-    import helios.generate
+    import helios.pipeline.generate
 
-    monkeypatch.setattr(helios.generate, "open_model_folder", lambda *a: pytest.fail("loaded before checking"))
+    monkeypatch.setattr(helios.pipeline.generate, "open_model_folder", lambda *a: pytest.fail("loaded before checking"))
     with pytest.raises(ValueError, match=r"offload must be one of None, 'model', 'blocks', got 'disk'"):
         HeliosPipeline.from_pretrained(tiny_folder, device="cpu", offload="disk")
     with pytest.raises(ValueError, match=r"got True"):
@@ -207,7 +207,7 @@ def test_resuming_with_offload_gives_the_uninterrupted_video(tiny_folder, reside
 @pytest.mark.slow
 def test_compiled_block_offload_makes_the_compiled_resident_video(tiny_folders):
     # Base: one resolution, so one compiled graph (every pyramid stage would recompile, for minutes on a CPU).
-    from helios.speed import compile_blocks
+    from helios.scale.speed import compile_blocks
 
     opts = _opts("base", 33)
     videos = []

@@ -27,13 +27,13 @@ import parallel_cases
 from helpers import make_inputs, randomize_, tiny_config
 
 from helios import HeliosPipeline, HeliosTransformer3DModel, SamplingOptions
-from helios.launch import check_launch
-from helios.media import read_video
-from helios.options import DEFAULT_NEGATIVE_PROMPT
-from helios.parallel import SequenceShards, UlyssesAttention, parallelize, shard_indices
-from helios.state import GenerationState, run_settings
-from helios.tiny import build_tiny_model
-from helios.video_io import to_uint8
+from helios.scale.launch import check_launch
+from helios.pipeline.media import read_video
+from helios.sampling.options import DEFAULT_NEGATIVE_PROMPT
+from helios.scale.parallel import SequenceShards, UlyssesAttention, parallelize, shard_indices
+from helios.pipeline.state import GenerationState, run_settings
+from helios.pipeline.tiny import build_tiny_model
+from helios.pipeline.video_io import to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
@@ -78,7 +78,7 @@ def test_the_parallel_path_on_one_process_is_the_plain_path(group_of_one):
 
 
 def test_cfg_parallel_needs_an_even_number_of_processes(group_of_one):
-    from helios.parallel import parallelize_pipeline
+    from helios.scale.parallel import parallelize_pipeline
 
     with pytest.raises(ValueError, match="needs an even number of them; got 1"):
         parallelize_pipeline(None, cfg_parallel=True)  # refused before the pipeline is touched
@@ -124,7 +124,7 @@ def test_a_resumed_run_keeps_cfg_parallel_where_the_launch_allows_it(world, give
     without (the latents are the same either way), and --no-cfg-parallel turns it off."""
     from helios.cli import build_parser
     from helios.cli.resume import resolve_arguments
-    from helios.history import History
+    from helios.sampling.history import History
 
     opts = parallel_cases.Case("base").opts()
     settings = run_settings("base", {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)},
@@ -285,7 +285,7 @@ def test_a_rank_that_dies_stops_the_others_and_torchrun_resumes_the_video(tmp_pa
 
 HUNG = """
 import sys, time, torch, torch.distributed as dist
-from helios.launch import process_group
+from helios.scale.launch import process_group
 with process_group(torch.device("cpu"), timeout_s=3):
     if dist.get_rank() == 1:
         time.sleep(120)  # alive, but never joins the collective: a hung process

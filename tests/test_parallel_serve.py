@@ -18,7 +18,7 @@ import pytest
 from servers import FAST, free_port, wait_for
 
 from helios import HeliosPipeline, SamplingOptions
-from helios.state import GenerationState
+from helios.pipeline.state import GenerationState
 
 pytestmark = pytest.mark.slow  # real processes
 

@@ -2,11 +2,11 @@
 
 import pytest
 
-import helios.plan
-from helios.options import SamplingOptions, Variant
-from helios.plan import make_plan
-from helios.prompts import blend_for_chunk
-from helios.schedule import SchedulerConfig
+import helios.sampling.plan
+from helios.sampling.options import SamplingOptions, Variant
+from helios.sampling.plan import make_plan
+from helios.sampling.prompts import blend_for_chunk
+from helios.sampling.schedule import SchedulerConfig
 
 DISTILLED = Variant("distilled", SchedulerConfig(scheduler_type="dmd", time_shift_type="linear",
                                                  use_dynamic_shifting=True), is_distilled=True)
@@ -79,8 +79,8 @@ def test_stream_parses_the_schedule_once(tiny_folder, monkeypatch):
     from helios import HeliosPipeline
 
     calls = []
-    original = helios.plan.as_schedule
-    monkeypatch.setattr(helios.plan, "as_schedule", lambda prompt: calls.append(1) or original(prompt))
+    original = helios.sampling.plan.as_schedule
+    monkeypatch.setattr(helios.sampling.plan, "as_schedule", lambda prompt: calls.append(1) or original(prompt))
     pipe = HeliosPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float32)
     opts = SamplingOptions(height=64, width=64, pyramid_num_inference_steps_list=(1, 1, 1), seed=0)
     chunks = list(pipe.stream([("a fox", 1), ("a dog", 1)], opts))

@@ -10,8 +10,8 @@ import torch
 
 from helios import HeliosPipeline, SamplingOptions
 from helios.cli.progress import Progress
-from helios.generate import PHASES, StepInfo
-from helios.tiny import build_tiny_model
+from helios.pipeline.generate import PHASES, StepInfo
+from helios.pipeline.tiny import build_tiny_model
 
 H, W = 64, 128
 FAST = dict(height=H, width=W, pyramid_num_inference_steps_list=(1, 1, 1), is_amplify_first_chunk=False, seed=7)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from helios.prompts import read_schedule
+from helios.sampling.prompts import read_schedule
 
 OFFICIAL = '''id,prompt_index,prompt
 6,1,"The vortex intensifies, pulling an anchor from the sand."

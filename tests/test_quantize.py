@@ -14,12 +14,12 @@ import torch
 pytest.importorskip("torchao")
 
 from helios import HeliosConfig, HeliosPipeline, HeliosTransformer3DModel, SamplingOptions  # noqa: E402
-from helios import quantize as quantize_module  # noqa: E402
+from helios.scale import quantize as quantize_module  # noqa: E402
 from helios.bench.quantize import bytes_14b, psnr  # noqa: E402
-from helios.layers import Linear  # noqa: E402
-from helios.lora import load_lora  # noqa: E402
-from helios.quantize import check_scheme, is_quantized, parameter_bytes, quantize  # noqa: E402
-from helios.tiny import build_tiny_model  # noqa: E402
+from helios.model.layers import Linear  # noqa: E402
+from helios.scale.lora import load_lora  # noqa: E402
+from helios.scale.quantize import check_scheme, is_quantized, parameter_bytes, quantize  # noqa: E402
+from helios.pipeline.tiny import build_tiny_model  # noqa: E402
 
 SCHEMES = ("int8", "fp8")
 # Tiny, but every kind of layer: memory patches, amplified history keys, the affine cross-attention norm.

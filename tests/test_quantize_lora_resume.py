@@ -12,12 +12,12 @@ pytest.importorskip("torchao")
 from test_cli_resume import generate, stop_at  # noqa: E402
 from test_lora import lora_factors, write_lora  # noqa: E402
 
-import helios.state  # noqa: E402
-import helios.video_io  # noqa: E402
+import helios.pipeline.state  # noqa: E402
+import helios.pipeline.video_io  # noqa: E402
 from helios import HeliosConfig, HeliosPipeline, HeliosTransformer3DModel, SamplingOptions  # noqa: E402
-from helios.generate import HeliosPipeline as Pipeline  # noqa: E402
-from helios.media import read_video  # noqa: E402
-from helios.tiny import TINY_TRANSFORMER, build_tiny_model  # noqa: E402
+from helios.pipeline.generate import HeliosPipeline as Pipeline  # noqa: E402
+from helios.pipeline.media import read_video  # noqa: E402
+from helios.pipeline.tiny import TINY_TRANSFORMER, build_tiny_model  # noqa: E402
 
 H, W = 64, 128
 OPTS = SamplingOptions(height=H, width=W, num_frames=66, pyramid_num_inference_steps_list=(1, 1, 1),
@@ -69,7 +69,7 @@ def test_resume_alone_loads_them_again_and_contradictions_are_named(tmp_path, ad
     monkeypatch.chdir(tmp_path)
     assert generate(*RUN, *extra, "--output", "whole.mp4") == 0
     with monkeypatch.context() as patch:  # Ctrl-C while writing chunk 1: chunk 0 and its state are saved
-        stop_at(patch, helios.video_io.VideoWriter, "write", 2, KeyboardInterrupt())
+        stop_at(patch, helios.pipeline.video_io.VideoWriter, "write", 2, KeyboardInterrupt())
         assert generate(*RUN, *extra, "--output", "fox.mp4", "--state", "fox.state") == 130
     capsys.readouterr()
 
@@ -112,7 +112,7 @@ def test_helios_serve_takes_quantize_and_lora(tmp_path, adapters):
             video = client.post("/v1/videos", json={"prompt": "a red fox", "seconds": 1, "seed": 4, **FAST}).json()
             assert wait_for(client, video["id"])["status"] == "completed"
         (state,) = (tmp_path / "serve" / "data").rglob("state.pt")
-        served = helios.state.GenerationState.load(state)
+        served = helios.pipeline.state.GenerationState.load(state)
     assert served.quantize == "int8" and served.lora == [(str(adapters["a"]), 0.5)]
     opts = SamplingOptions(height=64, width=64, num_frames=24, pyramid_num_inference_steps_list=(1, 1, 1),
                            is_amplify_first_chunk=False, seed=4)

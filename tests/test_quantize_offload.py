@@ -14,12 +14,12 @@ from test_lora import lora_factors, write_lora  # noqa: E402
 from test_quantize import CONFIG, forward  # noqa: E402
 
 from helios import HeliosConfig, HeliosPipeline, HeliosTransformer3DModel, SamplingOptions  # noqa: E402
-from helios.held_blocks import leaf_tensors  # noqa: E402
-from helios.layers import Linear  # noqa: E402
-from helios.lora import load_lora  # noqa: E402
-from helios.offload import ComponentOffload  # noqa: E402
-from helios.quantize import parameter_bytes, quantization, quantize, quantize_block  # noqa: E402
-from helios.tiny import build_tiny_model  # noqa: E402
+from helios.scale.held_blocks import leaf_tensors  # noqa: E402
+from helios.model.layers import Linear  # noqa: E402
+from helios.scale.lora import load_lora  # noqa: E402
+from helios.scale.offload import ComponentOffload  # noqa: E402
+from helios.scale.quantize import parameter_bytes, quantization, quantize, quantize_block  # noqa: E402
+from helios.pipeline.tiny import build_tiny_model  # noqa: E402
 
 # Wider than test_quantize's CONFIG, so that the scales and the small tensors of a block (norms, biases, tables) weigh
 # what they weigh in a real block: 1% here, 0.3% at 14B.

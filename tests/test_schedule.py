@@ -1,4 +1,4 @@
-"""helios.schedule against the reference (diffusers 0.42.1 Helios schedulers and pipelines) and analytic formulas.
+"""helios.sampling.schedule against the reference (diffusers 0.42.1 Helios schedulers and pipelines) and analytic formulas.
 
 The sampling loop of one chunk, run end to end against the reference pipelines, is tested in test_denoise.py.
 """
@@ -17,7 +17,7 @@ from diffusers.pipelines.helios import pipeline_helios_pyramid as ref_pyramid
 
 from helpers import rel_err
 
-from helios import schedule as S
+from helios.sampling import schedule as S
 
 # The reference's set_timesteps feeds a tensor to np.linspace, which numpy 2 flags; not our code.
 pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")

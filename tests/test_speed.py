@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from helpers import make_inputs, make_pair, reference_forward, rel_err, tiny_config
 
-from helios.kernels import SDPA_BACKENDS, attention, linear
-from helios.layers import rope_table
-from helios.speed import compile_blocks
+from helios.model.kernels import SDPA_BACKENDS, attention, linear
+from helios.model.layers import rope_table
+from helios.scale.speed import compile_blocks
 
 
 def test_rope_table_is_cached_by_value_not_by_tensor():

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from helios import HeliosPipeline, SamplingOptions
-from helios.options import DEFAULT_NEGATIVE_PROMPT
-from helios.state import FORMAT_VERSION, GenerationState, StateSaveError
-from helios.tiny import build_tiny_model
+from helios.sampling.options import DEFAULT_NEGATIVE_PROMPT
+from helios.pipeline.state import FORMAT_VERSION, GenerationState, StateSaveError
+from helios.pipeline.tiny import build_tiny_model
 
 H, W = 64, 128
 FAST = dict(height=H, width=W, pyramid_num_inference_steps_list=(1, 1, 1), is_amplify_first_chunk=False, seed=7)

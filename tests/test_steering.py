@@ -7,7 +7,7 @@ import torch
 
 from helios import HeliosPipeline, SamplingOptions
 from helios import Steering
-from helios.tiny import build_tiny_model
+from helios.pipeline.tiny import build_tiny_model
 
 H, W = 64, 64  # the smallest size the tiny distilled model takes: the tiny VAE's decode dominates
 FAST = dict(height=H, width=W, pyramid_num_inference_steps_list=(1, 1, 1), is_amplify_first_chunk=False, seed=3)

@@ -17,8 +17,8 @@ import torch
 from helpers import make_inputs, make_ours, randomize_, tiny_config
 
 from helios import HeliosTransformer3DModel
-from helios.mapped import CheckpointChanged
-from helios.stream_blocks import BlockStream, load_streamed
+from helios.scale.mapped import CheckpointChanged
+from helios.scale.stream_blocks import BlockStream, load_streamed
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = tiny_config(num_layers=4)
@@ -77,7 +77,7 @@ def test_a_checkpoint_in_another_dtype_is_converted_like_the_resident_loader_doe
 
 @pytest.mark.slow
 def test_compiled_streamed_blocks_equal_compiled_resident_blocks(checkpoint):
-    from helios.speed import compile_blocks
+    from helios.scale.speed import compile_blocks
 
     resident = compile_blocks(HeliosTransformer3DModel.from_pretrained(checkpoint))
     streamed = compile_blocks(HeliosTransformer3DModel.from_pretrained(checkpoint, offload="blocks"))
@@ -186,12 +186,12 @@ def test_blocks_on_a_file_that_is_not_safetensors_names_it(tmp_path):
 def test_blocks_on_a_file_that_cannot_be_memory_mapped_says_why(tmp_path, monkeypatch):
     # A file system without mmap (some network and FUSE mounts) cannot be made here: mmap is made to fail the way
     # it fails on one (ENODEV).
-    import helios.mapped
+    import helios.scale.mapped
 
     def no_mmap(*args, **kwargs):
         raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
 
-    monkeypatch.setattr(helios.mapped.mmap, "mmap", no_mmap)
+    monkeypatch.setattr(helios.scale.mapped.mmap, "mmap", no_mmap)
     make_ours(CONFIG).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=rf"{WEIGHTS}: cannot be memory-mapped .*No such device.*local disk"):
         HeliosTransformer3DModel.from_pretrained(tmp_path, offload="blocks")

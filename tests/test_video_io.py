@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from helios.media import read_video
-from helios.video_io import VideoSettings, VideoWriter, partial_path, read_fragments, to_uint8
+from helios.pipeline.media import read_video
+from helios.pipeline.video_io import VideoSettings, VideoWriter, partial_path, read_fragments, to_uint8
 
 H, W = 64, 96
 

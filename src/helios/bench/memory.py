@@ -38,11 +38,11 @@ from types import SimpleNamespace
 
 import torch
 
-from ..config import HeliosConfig
-from ..mapped import DTYPES
-from ..model import HeliosTransformer3DModel
-from ..weights import CONFIG_NAME, INDEX_NAME, SHARD_PATTERN, param_dtype
-from .reference import _rss_now, _rss_peak, helios_inputs, machine
+from ..model.config import HeliosConfig
+from ..model.transformer import HeliosTransformer3DModel
+from ..model.weights import CONFIG_NAME, INDEX_NAME, SHARD_PATTERN, param_dtype
+from ..scale.mapped import DTYPES
+from .common import helios_inputs, machine, rss_now, rss_peak
 
 GB = 10**9
 SAFETENSORS_DTYPE = {dtype: name for name, dtype in DTYPES.items()}
@@ -150,19 +150,19 @@ def probe(folder: str, offload: str, what: str, dtype: str) -> None:
     """In this process: load (and run one forward); print peak RSS figures (bytes) and seconds as JSON."""
     torch_dtype = getattr(torch, dtype)
     warm_up(offload, torch_dtype)
-    base = _rss_now()
+    base = rss_now()
     start = time.perf_counter()
     model = HeliosTransformer3DModel.from_pretrained(folder, torch_dtype=torch_dtype,
                                                      offload=None if offload == "none" else offload)
-    out = {"baseline_rss": base, "load_s": time.perf_counter() - start, "load_peak_rss": _rss_peak()}
+    out = {"baseline_rss": base, "load_s": time.perf_counter() - start, "load_peak_rss": rss_peak()}
     if what == "forward":
         layout = SimpleNamespace(height=64, width=64, history_height=None, history_width=None, text_len=64)
         inputs = helios_inputs(model.config, layout, "cpu", torch_dtype)
-        out["held_rss"], read = _rss_now(), _read_bytes()
+        out["held_rss"], read = rss_now(), _read_bytes()
         start = time.perf_counter()
         with torch.inference_mode():
             sample = model(**inputs).sample
-        out.update(forward_s=time.perf_counter() - start, forward_peak_rss=_rss_peak(),
+        out.update(forward_s=time.perf_counter() - start, forward_peak_rss=rss_peak(),
                    forward_disk_read=_read_bytes() - read, finite=bool(torch.isfinite(sample).all()))
     print(json.dumps(out))
 
@@ -176,7 +176,7 @@ def _read_bytes() -> int:
 def warm_up(offload: str, torch_dtype) -> None:
     """Load and run a tiny model the same way first: the baseline then holds the imports, and the code and
     allocator pages that any first load and forward bring in (about 0.1 GB), which are not the model's memory."""
-    from ..tiny import TINY_TRANSFORMER
+    from ..pipeline.tiny import TINY_TRANSFORMER
 
     layout = SimpleNamespace(height=64, width=64, history_height=None, history_width=None, text_len=8)
     with tempfile.TemporaryDirectory() as folder:

@@ -22,13 +22,12 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from ..weights import param_dtype
-from .reference import alternate, helios_inputs, machine, timed, token_counts, transformer_config
+from ..model.weights import param_dtype
+from .common import alternate, helios_inputs, machine, timed, token_counts, transformer_config
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,8 +75,8 @@ def launch(n: int, argv: list[str]) -> dict:
 def worker(args) -> None:
     import torch.distributed as dist
 
-    from ..model import HeliosTransformer3DModel
-    from ..parallel import parallelize
+    from ..model.transformer import HeliosTransformer3DModel
+    from ..scale.parallel import parallelize
 
     device = torch.device(args.device if args.device == "cpu" else f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
     if device.type == "cuda":

@@ -7,6 +7,7 @@ run in this process splits the time by phase with the pipeline's on_step events,
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -16,12 +17,23 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from .common import machine
+
 PROMPT = "a red fox running through fresh snow"
 
 
-def bench_phases(args) -> dict:
-    from .reference import machine
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m helios.bench phases",
+                                description="the README's first command: its wall time, and its time per phase")
+    p.add_argument("--model", default="helios-tiny")
+    p.add_argument("--runs", type=int, default=3, help="fresh processes of the whole command (default 3)")
+    result = bench_phases(p.parse_args(argv))
+    print(json.dumps(result, indent=2))
+    wall, generation = result["command_wall_median_s"], result["generation_median_s"]
+    print(f"the command: {wall:.1f} s, its generation {generation:.1f} s (medians)", file=sys.stderr)
 
+
+def bench_phases(args) -> dict:
     runs = [_command(args.model) for _ in range(args.runs)]
     walls, generations = [w for w, _ in runs], [g for _, g in runs]
     return {"machine": machine(), "model": args.model, "command_wall_s": walls, "generation_s": generations,
@@ -45,11 +57,11 @@ def _phases(model: str) -> dict:
     last one: a step's event closes denoising time, a phase's start closes the phase before it."""
     import torch
 
-    from ..folder import open_model
-    from ..generate import HeliosPipeline
-    from ..options import DEFAULT_NEGATIVE_PROMPT, SamplingOptions
-    from ..plan import make_plan
-    from ..video_io import VideoSettings, VideoWriter, to_uint8
+    from ..pipeline.folder import open_model
+    from ..pipeline.generate import HeliosPipeline
+    from ..pipeline.video_io import VideoSettings, VideoWriter, to_uint8
+    from ..sampling.options import DEFAULT_NEGATIVE_PROMPT, SamplingOptions
+    from ..sampling.plan import make_plan
 
     seconds, current = defaultdict(float), ["build and load", time.perf_counter()]
 

@@ -14,6 +14,7 @@ Random weights are kinder to int8 than trained ones (no outlier rows), so the er
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
@@ -25,10 +26,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import HeliosConfig
-from ..model import HeliosTransformer3DModel
-from ..quantize import SCHEMES, parameter_bytes, quantize_block
-from ..weights import param_dtype
+from ..model.config import HeliosConfig
+from ..model.transformer import HeliosTransformer3DModel
+from ..model.weights import param_dtype
+from ..scale.quantize import SCHEMES, parameter_bytes, quantize_block
+from .common import machine, rss_now, rss_peak, timed
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=2, text_dim=32, freq_dim=32,
             rope_dim=(4, 6, 6))
@@ -37,22 +39,19 @@ MID = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_lay
            rope_dim=(44, 42, 42))
 
 
-def add_parser(sub) -> None:
-    q = sub.add_parser("quantize", help="int8 / fp8 weight-only against bf16: bytes, error, time, PSNR, load peak")
+def main(argv=None) -> None:
+    if argv and argv[0] == "_qload":  # internal: one load's peak, in a fresh process
+        return print(json.dumps(load_peak(argv[1], argv[2])))
+    q = argparse.ArgumentParser(prog="python -m helios.bench quantize",
+                                description="int8 / fp8 weight-only against bf16: bytes, error, time, PSNR, load peak")
     q.add_argument("--runs", type=int, default=3, help="timed forwards per scheme (default 3)")
     q.add_argument("--frames", type=int, default=9, help="latent frames of the mid-size forward (default 9)")
     q.add_argument("--size", type=int, default=24, help="latent height and width of the mid-size forward (default 24)")
     q.add_argument("--load-layers", type=int, default=8, help="layers of the mid-size checkpoint loaded for the peak")
-    ql = sub.add_parser("_qload", add_help=False)
-    ql.add_argument("folder")
-    ql.add_argument("scheme")
+    print(json.dumps(run(q.parse_args(argv)), indent=2))
 
 
 def run(args) -> dict:
-    from .reference import machine
-
-    if args.command == "_qload":
-        return load_peak(args.folder, args.scheme)
     return {"machine": machine(), "bytes_14b": bytes_14b(),
             "forward_tiny": forward_errors(HeliosConfig(**TINY), frames=2, size=8, runs=args.runs),
             "forward_mid": forward_errors(HeliosConfig(**MID), frames=args.frames, size=args.size, runs=args.runs),
@@ -119,7 +118,6 @@ def _tokens(frames: int, size: int) -> int:
 
 
 def _timed_forward(model, inputs: dict, runs: int) -> tuple[torch.Tensor, float]:
-    from .reference import timed
 
     out = {}
 
@@ -138,9 +136,9 @@ def _errors(a: torch.Tensor, ref: torch.Tensor) -> dict:
 
 def video_psnr() -> dict:
     """A whole tiny distilled video (33 frames, 3 pyramid stages) per scheme; PSNR of the frames against bf16's."""
-    from ..generate import HeliosPipeline
-    from ..options import SamplingOptions
-    from ..tiny import build_tiny_model
+    from ..pipeline.generate import HeliosPipeline
+    from ..pipeline.tiny import build_tiny_model
+    from ..sampling.options import SamplingOptions
 
     root = Path(tempfile.mkdtemp(prefix="helios-quant-video-"))
     try:
@@ -172,7 +170,7 @@ def load_peaks(layers: int) -> dict:
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         out = {"checkpoint_bytes": size}
         for scheme in ("bf16", "int8", "int8+blocks"):
-            cmd = [sys.executable, "-m", "helios.bench", "_qload", str(folder), scheme]
+            cmd = [sys.executable, "-m", "helios.bench", "quantize", "_qload", str(folder), scheme]
             row = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
             out[scheme] = {**row, "peak_added_x_checkpoint": row["peak_added_bytes"] / size}
     finally:
@@ -182,14 +180,13 @@ def load_peaks(layers: int) -> dict:
 
 def load_peak(folder: str, scheme: str) -> dict:
     """In a fresh process: load, touch every weight (mmap pages are read lazily), report the peak RSS it added."""
-    from .reference import _rss_now, _rss_peak
 
     quantize, _, offload = scheme.partition("+")  # "int8+blocks": quantized blocks held for streaming
     quantize, offload = (None if quantize == "bf16" else quantize), (offload or None)
     with tempfile.TemporaryDirectory() as warm:  # first a tiny load: the imports and caches a first load pays for
         HeliosTransformer3DModel(HeliosConfig(**TINY)).save_pretrained(warm)
         HeliosTransformer3DModel.from_pretrained(warm, torch_dtype=torch.bfloat16, quantize=quantize, offload=offload)
-    base = _rss_now()
+    base = rss_now()
     model = HeliosTransformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16, quantize=quantize,
                                                      offload=offload)
     with torch.no_grad():
@@ -197,5 +194,5 @@ def load_peak(folder: str, scheme: str) -> dict:
             if type(p) in (torch.Tensor, torch.nn.Parameter):  # quantized weights were made in memory already
                 p.sum()
     held = [] if offload is None else model.block_stream.checkpoint.blocks  # the quantized blocks in host memory
-    return {"peak_added_bytes": _rss_peak() - base,
+    return {"peak_added_bytes": rss_peak() - base,
             "parameter_bytes": parameter_bytes(model) + sum(parameter_bytes(b) for b in held)}

@@ -81,8 +81,8 @@ def main(argv=None) -> None:
     import httpx
     import torch
 
-    from ..generate import HeliosPipeline
-    from ..options import SamplingOptions
+    from ..pipeline.generate import HeliosPipeline
+    from ..sampling.options import SamplingOptions
 
     width, height = map(int, args.size.split("x"))
     request = {"prompt": "a red fox running through fresh snow", "size": args.size, "seed": 1,

@@ -1,9 +1,10 @@
 """The `helios` command: generate videos to files, and inspect models.
 
-A thin consumer of the library (generate.py, plan.py, folder.py). It checks what it can before loading anything
-heavy (paths, the model name, sizes), then writes the pipeline's chunks to a video file as they arrive (video_io.py) while reporting progress
-(progress.py). Errors are one line on stderr: exit code 2 for bad input, 1 for other failures, 130 for Ctrl-C;
---debug shows the traceback instead.
+A thin consumer of the library (pipeline/generate.py, sampling/plan.py, pipeline/folder.py). It checks what it can
+before loading anything heavy (paths, the model name, sizes), then writes the pipeline's chunks to a video file as they
+arrive (pipeline/video_io.py) while reporting progress (progress.py). Errors are one line on stderr: exit code 2 for
+bad input, 1 for other failures, 130 for Ctrl-C; --debug shows the traceback instead.
+The top app layer: it may import every layer below it, serve/ included (helios serve), never bench/.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import argparse
 import os
 import signal
 import sys
+from importlib import metadata
 from pathlib import Path
 
-from .. import __version__
-from ..folder import BUILTIN_MODELS, PUBLISHED
+from ..pipeline.folder import BUILTIN_MODELS, PUBLISHED
 from . import checks
 from .common import BAD_INPUT, EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, quiet_libraries, show_warnings
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="helios", description="Helios: long videos from text, an image or a video.",
                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"helios {__version__}")
+    parser.add_argument("--version", action="version", version=f"helios {metadata.version('helios')}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = parser.add_subparsers(metavar="COMMAND", required=True, parser_class=_Parser)
@@ -274,7 +275,7 @@ def _run_serve(args) -> int:
 
 
 def _run_info(args) -> int:
-    from ..folder import BUILTIN_MODELS, model_path
+    from ..pipeline.folder import BUILTIN_MODELS, model_path
     from .info import describe
 
     quiet_libraries(args.debug)

@@ -12,7 +12,8 @@ import math
 import signal
 import threading
 
-from ..options import MAX_FRAMES, SEED_RANGE
+from ..sampling.options import MAX_FRAMES, SEED_RANGE
+
 
 def positive_int(text: str) -> int:
     try:
@@ -84,7 +85,7 @@ def check_output(args) -> None:
     With --overwrite the old file stays until the new video is complete (it is written beside it, as
     NAME.partial.mp4, and renamed at the end). A resumed run continues a run that passed this check.
     """
-    from ..video_io import partial_path
+    from ..pipeline.video_io import partial_path
 
     if args.resume is not None or args.overwrite:
         return
@@ -101,7 +102,7 @@ def device_and_dtype(args):
     """The torch device and dtype of --device and --dtype; an unusable device is bad input, said before loading."""
     import torch
 
-    from ..generate import check_device, default_dtype
+    from ..pipeline.generate import check_device, default_dtype
 
     device = check_device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu",
                           name="--device")
@@ -112,7 +113,7 @@ def check_lora(args) -> None:
     """--lora files exist (or are repo ids), and go with the offload mode: said before the model loads."""
     from pathlib import Path
 
-    from ..folder import REPO_ID
+    from ..model.hub import REPO_ID
 
     for path, _ in args.lora:
         if not Path(path).expanduser().exists() and not REPO_ID.match(path):
@@ -123,7 +124,7 @@ def check_lora(args) -> None:
 
 def text_encoder_device(args):
     """--text-encoder-device as a torch device (checked before loading), or None: the text encoder goes with the rest."""
-    from ..generate import check_device
+    from ..pipeline.generate import check_device
 
     if args.text_encoder_device is None:
         return None

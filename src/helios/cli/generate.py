@@ -11,9 +11,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..folder import check_model_name, noise_notice, open_model
-from ..launch import check_launch, leave_together, process_device, process_group, rank, world_size
-from ..video_io import SUFFIXES, VideoSettings, VideoWriter, partial_path, to_uint8
+from ..pipeline.folder import check_model_name, noise_notice, open_model
+from ..pipeline.video_io import SUFFIXES, VideoSettings, VideoWriter, partial_path, to_uint8
+from ..scale.launch import check_launch, leave_together, process_device, process_group, rank, world_size
 from .checks import check_flags, check_lora, check_output, device_and_dtype, text_encoder_device
 from .common import EXIT_INTERRUPTED, GenerationFailed, check_writable, quiet_libraries
 from .progress import Progress, peak_memory
@@ -27,7 +27,7 @@ def generate(args) -> int:
         check_output(args)
     _check_paths(args)
     check_model_name(args.model)
-    from ..prompts import read_schedule
+    from ..sampling.prompts import read_schedule
 
     if state is not None:
         prompt = state.schedule
@@ -38,8 +38,8 @@ def generate(args) -> int:
     quiet_libraries(args.debug)
     if rank() != 0:  # under torchrun, rank 0 speaks for all
         warnings.simplefilter("ignore")
-    from ..generate import HeliosPipeline  # the heavy imports (transformers, diffusers) after the cheap checks
-    from ..plan import make_plan
+    from ..pipeline.generate import HeliosPipeline  # the heavy imports (transformers, diffusers) after the cheap checks
+    from ..sampling.plan import make_plan
 
     device, dtype = device_and_dtype(args)
     encoder_device = text_encoder_device(args)
@@ -70,11 +70,11 @@ def _load(pipeline_class, model, args, placement, several: bool):
     for path, scale in args.lora:
         pipe.load_lora_weights(path, scale=scale)
     if several:
-        from ..parallel import parallelize_pipeline
+        from ..scale.parallel import parallelize_pipeline
 
         parallelize_pipeline(pipe, cfg_parallel=args.cfg_parallel)
     if args.compile:
-        from ..speed import compile_blocks
+        from ..scale.speed import compile_blocks
 
         compile_blocks(pipe.transformer)
     return pipe
@@ -100,15 +100,15 @@ def _check_paths(args) -> None:
 
 def _options(args):
     """SamplingOptions from the flags; None leaves a field to the model's defaults (the plan fills them in)."""
-    from ..options import SamplingOptions
+    from ..sampling.options import SamplingOptions
 
     return SamplingOptions(**given_options(args))
 
 
 def _media(args) -> dict:
     """Read the conditioning image / video now, so that a bad file fails before the model loads."""
-    from ..media import load_image, load_video
-    from ..options import SamplingOptions
+    from ..pipeline.media import load_image, load_video
+    from ..sampling.options import SamplingOptions
 
     if args.image is not None:
         return {"image": load_image(args.image, name="--image")}
@@ -160,7 +160,7 @@ def _generate_to_file(pipe, args, plan, media: dict, state, notice: str | None) 
 
 
 def _stream(pipe, args, plan, media: dict, state, on_step):
-    from ..options import DEFAULT_NEGATIVE_PROMPT
+    from ..sampling.options import DEFAULT_NEGATIVE_PROMPT
 
     if state is not None:  # the run's own (a --negative-prompt given agrees with it)
         negative = state.negative_prompt

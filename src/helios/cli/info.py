@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..folder import COMPONENTS, read_variant, safetensors_header
+from ..pipeline.folder import COMPONENTS, read_variant, safetensors_header
 
 
 @dataclass
@@ -28,9 +28,9 @@ class Component:
 
 def describe(folder: Path, title: str, defaults: dict | None = None, quick: bool = False) -> tuple[list[str], bool]:
     """The report's lines and whether every component passed its check."""
-    from ..config import HeliosConfig
-    from ..options import VARIANT_DEFAULTS, SamplingOptions
-    from ..plan import make_plan
+    from ..model.config import HeliosConfig
+    from ..sampling.options import VARIANT_DEFAULTS, SamplingOptions
+    from ..sampling.plan import make_plan
 
     index = json.loads((folder / "model_index.json").read_text())
     variant = read_variant(folder)
@@ -105,14 +105,14 @@ def _check(folder: Path, name: str, headers: dict, dtypes: Counter, quick: bool)
 
     dtype = getattr(torch, max(dtypes, key=dtypes.get)) if dtypes else torch.float32  # load as stored
     if name == "transformer":
-        from ..model import HeliosTransformer3DModel
+        from ..model.transformer import HeliosTransformer3DModel
 
         if quick:
             _check_transformer_headers(folder / name, headers)
         else:
             HeliosTransformer3DModel.from_pretrained(folder, name, torch_dtype=dtype, device="cpu")
     elif name == "vae" and not quick:
-        from ..vae import VideoVAE
+        from ..pipeline.vae import VideoVAE
 
         VideoVAE.from_pretrained(folder / name)
     elif name == "text_encoder" and not quick:
@@ -124,7 +124,7 @@ def _check(folder: Path, name: str, headers: dict, dtypes: Counter, quick: bool)
 
         AutoTokenizer.from_pretrained(folder / name)
     elif name == "scheduler":
-        from ..schedule import SchedulerConfig
+        from ..sampling.schedule import SchedulerConfig
 
         SchedulerConfig.from_dict(json.loads((folder / name / "scheduler_config.json").read_text()))
     elif quick:
@@ -137,8 +137,8 @@ def _check_transformer_headers(directory: Path, headers: dict) -> None:
     """The strict-loading check without reading a weight: names and shapes against a model built on `meta`."""
     import torch
 
-    from ..model import HeliosTransformer3DModel
-    from ..weights import read_config, weight_files
+    from ..model.transformer import HeliosTransformer3DModel
+    from ..model.weights import read_config, weight_files
 
     listed = set(weight_files(directory))  # checks the index and that every shard it names exists
     with torch.device("meta"):

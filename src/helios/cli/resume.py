@@ -16,7 +16,7 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
-from ..launch import world_size
+from ..scale.launch import world_size
 
 # The command's defaults for the arguments whose parser default is None (None = not given, see resolve_arguments).
 DEFAULTS = {"output": Path("output.mp4"), "fps": Fraction(24), "crf": 18, "lossless": False, "dtype": "auto",
@@ -66,7 +66,7 @@ def command_settings(args, dtype) -> dict:
 
 
 def _load(path: Path):
-    from ..state import GenerationState
+    from ..pipeline.state import GenerationState
 
     if not path.is_file():
         raise FileNotFoundError(f"--resume {path}: no such file")
@@ -130,7 +130,7 @@ def _take_transformer_settings(args, state, conflicts: list) -> None:
 
 def _lora_files(lora) -> list[tuple[str, float]]:
     """--lora PATH:SCALE arguments as the state names them: the file read, as an absolute path."""
-    from ..lora_format import locate
+    from ..scale.lora_format import locate
 
     return [(str(locate(path).absolute()), scale) for path, scale in lora]
 
@@ -139,7 +139,7 @@ def _check_prompts(args, state, conflicts: list) -> None:
     if args.prompt is not None and [(args.prompt, 1)] != state.schedule:
         conflicts.append(("prompt", args.prompt, _describe_schedule(state.schedule)))
     if args.prompt_schedule is not None:
-        from ..prompts import read_schedule
+        from ..sampling.prompts import read_schedule
 
         schedule = read_schedule(args.prompt_schedule, args.chunks_per_prompt, args.schedule_id)
         if schedule != state.schedule:

@@ -11,8 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..folder import check_model_name, noise_notice, open_model_folder
-from ..launch import check_launch, process_device, process_group, rank, world_size
+from ..pipeline.folder import check_model_name, noise_notice, open_model_folder
+from ..scale.launch import check_launch, process_device, process_group, rank, world_size
 from .common import quiet_libraries
 
 
@@ -27,7 +27,7 @@ def serve(args) -> int:
     data_dir = args.data_dir or Path(tempfile.gettempdir()) / "helios-serve"
     data_dir.mkdir(parents=True, exist_ok=True)
     quiet_libraries(args.debug)
-    from ..generate import HeliosPipeline
+    from ..pipeline.generate import HeliosPipeline
     from .checks import check_lora, device_and_dtype, text_encoder_device
 
     check_lora(args)
@@ -52,8 +52,8 @@ def serve(args) -> int:
 
 def _serve_in_parallel(args, pipe, model, key, data_dir) -> int:
     """Under torchrun: rank 0 serves, and every other rank runs each of its streams with it (mirror.py)."""
-    from ..mirror import follow, lead
-    from ..parallel import parallelize_pipeline
+    from ..scale.mirror import follow, lead
+    from ..scale.parallel import parallelize_pipeline
 
     parallelize_pipeline(pipe, cfg_parallel=args.cfg_parallel)
     if rank() != 0:

@@ -25,8 +25,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from ..steering import DEFAULT_TRANSITION_CHUNKS, check_change
-from ..video_io import partial_path
+from ..pipeline.steering import DEFAULT_TRANSITION_CHUNKS, check_change
+from ..pipeline.video_io import partial_path
 from .errors import ApiError, bad_field, not_found
 from .jobs import ACTIVE, Job, Worker
 from .params import check_prompt, decode_data_url, make_request, plan_of, save_input

@@ -18,12 +18,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from ..media import load_image, load_video
-from ..options import DEFAULT_NEGATIVE_PROMPT
-from ..plan import GenerationPlan
-from ..state import GenerationState
-from ..steering import Steering
-from ..video_io import VideoSettings, VideoWriter, partial_path, to_uint8
+from ..pipeline.media import load_image, load_video
+from ..pipeline.state import GenerationState
+from ..pipeline.steering import Steering
+from ..pipeline.video_io import VideoSettings, VideoWriter, partial_path, to_uint8
+from ..sampling.options import DEFAULT_NEGATIVE_PROMPT
+from ..sampling.plan import GenerationPlan
 from .errors import ApiError
 
 ACTIVE = ("queued", "in_progress")

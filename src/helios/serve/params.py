@@ -11,9 +11,9 @@ import math
 import random
 import re
 
-from ..options import SamplingOptions
-from ..plan import GenerationPlan, make_plan
-from ..text import clean_prompt
+from ..pipeline.text import clean_prompt
+from ..sampling.options import SamplingOptions
+from ..sampling.plan import GenerationPlan, make_plan
 from .errors import bad_field
 
 DEFAULT_FPS = 24  # OpenAI's and vLLM-Omni's
@@ -206,7 +206,7 @@ def decode_data_url(param: str, value) -> bytes:
 
 def save_input(folder, data: bytes, param: str, min_video_frames: int, max_bytes: int) -> dict:
     """Keep an uploaded image or video in the job's folder; 400 unless it reads as one."""
-    from ..media import load_image, load_video
+    from ..pipeline.media import load_image, load_video
 
     if len(data) > max_bytes:
         from .errors import ApiError

@@ -28,8 +28,8 @@ from fastapi import WebSocket
 from fastapi.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
-from ..steering import DEFAULT_TRANSITION_CHUNKS, check_change
-from ..video_io import VideoSettings, codec_string, stream_header
+from ..pipeline.steering import DEFAULT_TRANSITION_CHUNKS, check_change
+from ..pipeline.video_io import VideoSettings, codec_string, stream_header
 from .errors import ApiError
 from .jobs import ACTIVE, Job
 from .params import check_prompt, decode_data_url, make_request, plan_of, save_input

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import HeliosConfig
-from .model import HeliosTransformer3DModel
+from ..model.config import HeliosConfig
+from ..model.transformer import HeliosTransformer3DModel
 
 VARIANTS = ("base", "mid", "distilled")
 DIFFUSERS_VERSION = "0.42.1"

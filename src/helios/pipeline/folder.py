@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 import tempfile
 from contextlib import contextmanager
@@ -27,12 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from ..model.hub import REPO_ID, resolve_directory
+
 if TYPE_CHECKING:  # imported where used: naming a model must not cost importing torch
-    from .options import Variant
+    from ..sampling.options import Variant
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 PIPELINE_CLASSES = ("HeliosPipeline", "HeliosPyramidPipeline")
-REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 PUBLISHED = ("BestWishYsh/Helios-Base", "BestWishYsh/Helios-Mid", "BestWishYsh/Helios-Distilled")
 WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder")
 _MAX_HEADER = 100 * 2**20  # a safetensors header is JSON; anything bigger is not one
@@ -65,7 +65,7 @@ class ModelFolder:
     @property
     def defaults(self) -> dict:
         """SamplingOptions values for every field left unset: the variant's, then a built-in model's own."""
-        from .options import VARIANT_DEFAULTS
+        from ..sampling.options import VARIANT_DEFAULTS
 
         own = BUILTIN_MODELS[self.builtin].defaults if self.builtin else {}
         return {**VARIANT_DEFAULTS[self.variant.name], **own}
@@ -74,7 +74,7 @@ class ModelFolder:
     def patch_size(self) -> tuple[int, int, int]:
         """The transformer's patch size, from its config.json (the sampler's schedules depend on it). Reading it
         checks the whole config, naming the file and the key of a bad value, before any weight is read."""
-        from .config import HeliosConfig
+        from ..model.config import HeliosConfig
 
         path = self.component("transformer") / "config.json"
         return HeliosConfig.from_dict(read_json(path), source=str(path)).patch_size
@@ -82,7 +82,7 @@ class ModelFolder:
     @property
     def attention_heads(self) -> int:
         """The transformer's attention heads, from its config.json (sequence parallelism splits them)."""
-        from .config import HeliosConfig
+        from ..model.config import HeliosConfig
 
         path = self.component("transformer") / "config.json"
         return HeliosConfig.from_dict(read_json(path), source=str(path)).num_attention_heads
@@ -112,8 +112,8 @@ def read_folder(path: str | os.PathLike, builtin: str | None = None) -> ModelFol
 
 def read_variant(folder: Path) -> Variant:
     """How a model folder samples: from model_index.json and scheduler/scheduler_config.json."""
-    from .options import Variant
-    from .schedule import SchedulerConfig
+    from ..sampling.options import Variant
+    from ..sampling.schedule import SchedulerConfig
 
     index = read_json(folder / "model_index.json")
     pipeline = index.get("_class_name")
@@ -188,25 +188,6 @@ def _locate(name) -> tuple[tempfile.TemporaryDirectory | None, Path, str | None]
     except BaseException:
         holder.cleanup()
         raise
-
-
-def resolve_directory(path_or_repo_id: str | os.PathLike, subfolder: str | None = None) -> Path:
-    """A local folder, or a hub repo id resolved through huggingface_hub (cache first; HF_HUB_OFFLINE respected)."""
-    path = Path(path_or_repo_id).expanduser()
-    if not path.exists() and REPO_ID.match(str(path_or_repo_id)):
-        from huggingface_hub import snapshot_download
-
-        patterns = [f"{subfolder}/*"] if subfolder else None
-        try:
-            path = Path(snapshot_download(str(path_or_repo_id), allow_patterns=patterns))
-        except Exception as err:  # hub errors are many classes; the message is what the user needs
-            raise FileNotFoundError(
-                f"{path_or_repo_id}: not a local folder, and the Hugging Face hub could not provide it: {err}"
-            ) from err
-    directory = path / subfolder if subfolder else path
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such model folder")
-    return directory
 
 
 def noise_notice(name: str) -> str:

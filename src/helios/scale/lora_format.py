@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .folder import REPO_ID
+from ..model.hub import REPO_ID
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, also the official training script's
 

@@ -6,7 +6,7 @@ reference's math. Their numerical effect is measured in docs/benchmarks.md.
 
 from __future__ import annotations
 
-from .model import HeliosTransformer3DModel
+from ..model.transformer import HeliosTransformer3DModel
 
 
 def compile_blocks(model: HeliosTransformer3DModel, mode: str | None = None) -> HeliosTransformer3DModel:

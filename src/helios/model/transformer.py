@@ -12,7 +12,6 @@ Differences from Wan 2.1 (same weight names otherwise):
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import weights
 from .config import HeliosConfig
+from .hub import resolve_directory
 from .layers import (
     ConditionEmbedder,
     Linear,
@@ -94,31 +95,27 @@ class HeliosTransformer3DModel(nn.Module):
         # Where a forward's tokens live: all on this device; parallel.py swaps in one process's share.
         self.placement = WholeSequence()
 
-    # The familiar entry points. Checkpoint IO lives in weights.py, which never imports this module: it is handed
-    # the class to build, so there is no import cycle, and this file holds the model's math only.
+    # The familiar entry points. Checkpoint IO lives in weights.py, which is handed the class to build, so this file
+    # holds the model's math only.
     @classmethod
     def from_pretrained(cls, path_or_repo_id, subfolder: str | None = None, torch_dtype=None, device="cpu",
                         offload: str | None = None, quantize: str | None = None):
         """Load a folder (config.json + safetensors), a model folder's `subfolder`, or a hub repo id.
 
         offload="blocks": only the small modules are loaded; each block's weights are read from the memory-mapped
-        checkpoint when the block runs (see stream_blocks.py).
+        checkpoint when the block runs (scale/stream_blocks.py).
         quantize: None, "int8" or "fp8": weight-only, the blocks' Linear layers, block by block while loading
-        (quantize.py); with offload="blocks", the quantized blocks are what streams."""
-        from . import weights
+        (scale/quantize.py); with offload="blocks", the quantized blocks are what streams."""
+        if offload is None and quantize is None:
+            return weights.load_transformer(cls, resolve_directory(path_or_repo_id, subfolder), torch_dtype, device)
+        # The one import up a layer, on purpose: the familiar entry point takes the scale options (as diffusers'
+        # takes quantization_config), and the scale layer does the work. Nothing in scale/ imports this module.
+        from ..scale.loading import load_scaled
 
-        prepare_block = None
-        if quantize is not None:
-            from .quantize import check_scheme, quantize_block
-
-            check_scheme(quantize, device)  # a bad name or an fp8-less device fails before any file is read
-            prepare_block = functools.partial(quantize_block, scheme=quantize)
-        return weights.load_transformer(cls, path_or_repo_id, subfolder=subfolder, torch_dtype=torch_dtype,
-                                        device=device, offload=offload, prepare_block=prepare_block)
+        return load_scaled(cls, path_or_repo_id, subfolder=subfolder, torch_dtype=torch_dtype, device=device,
+                           offload=offload, quantize=quantize)
 
     def save_pretrained(self, directory, max_shard_size: int | str = "10GB") -> None:
-        from . import weights
-
         weights.save_transformer(self, directory, max_shard_size=max_shard_size)
 
     @property
@@ -239,8 +236,8 @@ def check_inputs(cfg: HeliosConfig, hidden_states, timestep, text, indices_curre
 
 def _check_memory_size(current: torch.Tensor, memory: dict[str, torch.Tensor]) -> None:
     """The memory terms share one height and width: that of the full-resolution latents. The current latents have it
-    too, except in a pyramid sampler's early stages, where they are downsampled by 2 per stage (spec §3.4: the memory
-    stays full size), so the memory is 2^s times the current size, with one s >= 0 for both axes."""
+    too, except in a pyramid sampler's early stages, where they are downsampled by 2 per stage (docs/design.md §2.1:
+    the memory stays full size), so the memory is 2^s times the current size, with one s >= 0 for both axes."""
     if not memory:
         return
     (first, latents), (h, w) = next(iter(memory.items())), current.shape[-2:]

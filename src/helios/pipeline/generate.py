@@ -16,21 +16,20 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import lora
-from .denoise import Cancelled, denoise_chunk, guided_velocity
+from ..model.transformer import HeliosTransformer3DModel
+from ..sampling.denoise import Cancelled, denoise_chunk, guided_velocity
+from ..sampling.history import History
+from ..sampling.options import VARIANT_DEFAULTS, SamplingOptions, Variant
+from ..sampling.plan import GenerationPlan, make_plan
+from ..scale import lora
+from ..scale.offload import Resident, plan_loading
+from ..scale.quantize import quantization
 from .folder import ModelFolder, open_model_folder
-from .history import History
 from .media import load_image, load_video
-from .model import HeliosTransformer3DModel
-from .offload import Resident, plan_loading
-from .options import VARIANT_DEFAULTS, SamplingOptions, Variant
-from .plan import GenerationPlan, make_plan
-from .quantize import quantization
 from .state import GenerationState, differences, run_settings
 from .steering import PromptTrack, Steering
 from .text import TextEncoder
 from .vae import VideoVAE
-
 
 PHASES = ("text", "image", "video", "denoise", "decode")
 
@@ -110,7 +109,7 @@ class HeliosPipeline:
             text_encoder_device = check_device(text_encoder_device, name="text_encoder_device")
         where = plan_loading(offload, device, text_encoder_device)  # checked before anything is read
         if quantize is not None:
-            from .quantize import check_scheme
+            from ..scale.quantize import check_scheme
 
             check_scheme(quantize, device)  # before the hub is asked for anything
         torch_dtype = default_dtype(device) if torch_dtype is None else torch_dtype

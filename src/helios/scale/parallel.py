@@ -27,8 +27,8 @@ import functools
 import torch
 import torch.distributed as dist
 
-from . import kernels
-from .layers import TokenLayout
+from ..model import kernels
+from ..model.layers import TokenLayout
 
 
 def parallelize(model, group=None):

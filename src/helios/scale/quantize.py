@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .layers import Linear
+from ..model.layers import Linear
 from .lora import lora_adapters
 
 SCHEMES = ("int8", "fp8")

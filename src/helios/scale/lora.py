@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import ACTIVATIONS, linear
+from ..model.kernels import ACTIVATIONS, linear
 from .lora_format import Factors, locate, read_factors
 
 

@@ -20,7 +20,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import HeliosConfig
-from .folder import resolve_directory
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -70,24 +69,12 @@ def weight_files(directory: Path) -> dict[Path, list[str] | None]:
     raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME} and no {INDEX_NAME}")
 
 
-def load_transformer(model_class, path_or_repo_id, subfolder=None, torch_dtype=None, device="cpu", offload=None,
-                     prepare_block=None):
+def load_transformer(model_class, directory: Path, torch_dtype=None, device="cpu", prepare_block=None):
     """Build `model_class(config)` on the meta device and assign the checkpoint's tensors to it, strictly.
 
-    offload="blocks" leaves the blocks in the checkpoint, to be streamed when called (stream_blocks.py).
     prepare_block(block), if given, is called on each block right after its weights are assigned (quantization
     replaces them): the blocks are then read one at a time, so that at most one block's checkpoint weights are in
-    memory besides what prepare_block made of the others. With offload="blocks", the prepared blocks are what
-    streams."""
-    from .offload import TRANSFORMER_MODES, check_offload
-
-    check_offload(offload, TRANSFORMER_MODES, "HeliosTransformer3DModel.from_pretrained")
-    directory = resolve_directory(path_or_repo_id, subfolder)
-    if offload == "blocks":
-        from .stream_blocks import load_streamed
-
-        return load_streamed(model_class, directory, torch_dtype or torch.float32, device,
-                             prepare_block=prepare_block)
+    memory besides what prepare_block made of the others."""
     config = read_config(directory)
     with torch.device("meta"):
         model = model_class(config)
@@ -139,7 +126,7 @@ def index_checkpoint(files: dict[Path, list[str] | None], expected: dict[str, tu
                 raise ValueError(f"{path}: missing keys its index promises: {sorted(set(listed) - keys)[:10]}")
             for key in keys:
                 found[key] = (path, tuple(f.get_slice(key).get_shape()))
-    _check_keys(found, expected)
+    check_keys(found, expected)
     return found
 
 
@@ -166,7 +153,7 @@ def read_tensors(found: dict[str, tuple[Path, tuple]], expected: dict[str, tuple
     return state
 
 
-def _check_keys(found: dict[str, tuple[Path, tuple]], expected: dict[str, tuple]) -> None:
+def check_keys(found: dict[str, tuple[Path, tuple]], expected: dict[str, tuple]) -> None:
     ignored = sorted(k for k in found if k not in expected and IGNORED_KEYS.search(k))
     if ignored:
         warnings.warn(f"skipping checkpoint keys the model does not use: {ignored}", stacklevel=3)

@@ -19,8 +19,8 @@ import copy
 import torch
 from torch import nn
 
+from ..model.weights import param_dtype
 from .mapped import TensorRecord, as_bytes
-from .weights import param_dtype
 
 
 class HeldBlocks:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .history import History
+from ..sampling.history import History
 
 # 1: a digest of the settings only (helios 0.1 before resuming from the state alone); 2: the settings themselves.
 FORMAT_VERSION = 2
@@ -56,7 +56,7 @@ class GenerationState:
     @property
     def options(self):
         """The run's resolved SamplingOptions, its seed included."""
-        from .options import SamplingOptions
+        from ..sampling.options import SamplingOptions
 
         return SamplingOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.settings["opts"].items()})
 

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..model.weights import check_keys, param_dtype, read_config, weight_files
 from .held_blocks import hold_blocks, leaf_tensors
 from .mapped import MappedCheckpoint, as_bytes
-from .weights import _check_keys, param_dtype, read_config, weight_files
 
 STAGING_BYTES = 64 * 2**20  # a power of two: the pinned allocator rounds every allocation up to one
 STAGING_BUFFERS = 4
@@ -251,7 +251,7 @@ def load_streamed(model_class, directory: Path, torch_dtype, device, slots: int 
     try:
         with torch.device("meta"):
             model = model_class(config)
-        _check_keys(checkpoint.shapes(), {name: tuple(t.shape) for name, t in model.state_dict().items()})
+        check_keys(checkpoint.shapes(), {name: tuple(t.shape) for name, t in model.state_dict().items()})
         blocks = model.blocks
         source, template = checkpoint, blocks[0]
         if prepare_block is not None:
