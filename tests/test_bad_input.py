@@ -263,6 +263,38 @@ def test_an_unsupported_device_is_named_as_such(tiny, capsys, tmp_path):
     assert code == 2 and "helios: error: --device meta: not supported; helios runs on cpu or cuda" in err
 
 
+@pytest.mark.parametrize("device", ["bogus", "cuda:x"])
+def test_a_device_torch_does_not_know_is_refused_in_our_words(capsys, tmp_path, device):
+    with pytest.raises(ValueError, match=f"^device {device}: not a device; helios runs on cpu or cuda$"):
+        HeliosPipeline.from_pretrained("helios-tiny", device=device)
+    code, err = generate(capsys, "helios-tiny", "--device", device, "--output", tmp_path / "fox.mp4")
+    assert code == 2 and err.strip() == f"helios: error: --device {device}: not a device; helios runs on cpu or cuda"
+
+
+@pytest.mark.parametrize("path", ["missing.safetensors", "loras/missing.safetensors", "./loras/style",
+                                  "~/loras/missing.safetensors"])
+def test_a_missing_lora_file_fails_at_once_without_asking_the_hub(capsys, tmp_path, monkeypatch, path):
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"the hub was asked for {args}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    code, err = generate(capsys, "helios-tiny", "--lora", path, "--output", tmp_path / "fox.mp4")
+    assert code == 2 and f"--lora {path}: no such file or folder" in err and "hub" not in err.lower()
+    from helios.scale.lora_format import locate
+
+    with pytest.raises(FileNotFoundError, match="no such LoRA file"):
+        locate(path)
+
+
+def test_only_an_owner_slash_name_goes_to_the_hub():
+    from helios.model.hub import is_repo_id
+
+    assert is_repo_id("BestWishYsh/Helios-Distilled") and is_repo_id("me/my-lora.v2")
+    assert not any(map(is_repo_id, ["loras/style.safetensors", "./a/b", "~/a", "/a/b", "a/b/c", "model.safetensors"]))
+
+
 def test_state_and_resume_together_are_refused_up_front(tmp_path, capsys):
     code, err = generate(capsys, "helios-tiny", "--state", tmp_path / "a.state", "--resume", tmp_path / "b.state",
                          "--output", tmp_path / "fox.mp4")

@@ -56,3 +56,37 @@ def test_video_shapes_and_length():
         load_video(np.zeros((3, 8, 8)))
     with pytest.raises(ValueError, match="video has 3 frames.*at least 33"):
         load_video(list(frames(3)), min_frames=33)
+
+
+def _fragmented_mp4(path, count: int) -> bytes:
+    """A fragmented MP4 (as helios writes: a fragment every 8 frames), so that a cut file still opens."""
+    import av
+
+    with av.open(str(path), "w", options={"movflags": "frag_keyframe+empty_moov+default_base_moof"}) as container:
+        stream = container.add_stream("libx264", rate=24, options={"g": "8"})
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for frame in np.random.default_rng(0).integers(0, 255, (count, 64, 64, 3), dtype=np.uint8):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path.read_bytes()
+
+
+def test_a_truncated_video_is_said_to_be_so_at_its_frame(tmp_path, capsys):
+    data = _fragmented_mp4(tmp_path / "whole.mp4", 40)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    with pytest.raises(ValueError) as err:
+        load_video(cut, name="--video")
+    message = str(err.value)
+    assert message.startswith(f"--video: cannot read {cut}: the file is damaged or truncated at frame ")
+    assert "Errno" not in message and "avcodec" not in message
+    frame = int(message.split("at frame ")[1].split()[0])
+    assert 1 < frame < 40
+    (tmp_path / "head.mp4").write_bytes(data[:100])  # cut inside the header
+    with pytest.raises(ValueError, match="damaged or truncated before its first frame"):
+        load_video(tmp_path / "head.mp4", name="--video")
+    from helios.cli import main
+
+    assert main(["generate", "--model", "helios-tiny", "--prompt", "a fox", "--video", str(cut),
+                 "--output", str(tmp_path / "out.mp4")]) == 2
+    assert "damaged or truncated at frame" in capsys.readouterr().err

@@ -69,7 +69,7 @@ def bar_frames(err: str) -> list[str]:
 
 
 def test_the_bar_names_each_phase_and_its_clock_runs_through_a_long_one(capsys):
-    progress = Progress("bar", num_chunks=2, total_frames=65)
+    progress = Progress("bar", num_chunks=2, total_frames=65, total_steps=4)
     progress.step(StepInfo(0, 2, 0, 0, "text"))
     for step in (1, 2):
         progress.step(StepInfo(0, 2, step, 2))
@@ -86,6 +86,27 @@ def test_the_bar_names_each_phase_and_its_clock_runs_through_a_long_one(capsys):
     clocks = {re.search(r"\[(\d\d:\d\d)", f).group(1) for f, label in zip(frames, labels) if "decoding" in label}
     assert {"00:00", "00:01", "00:02"} <= clocks, frames
     assert "2/4 steps" in frames[-1] and "frames 33/65" in frames[-1]
+
+
+@pytest.mark.parametrize("first_chunk", [0, 1])
+def test_the_step_total_is_right_from_the_first_frame_of_the_bar(pipe, capsys, first_chunk):
+    """An amplified first chunk takes twice the steps: the total counts it once, not once per chunk (was "9/120
+    steps" for a video of 66), and a resumed run counts the chunks it has left."""
+    opts = SamplingOptions(num_frames=99, **{**FAST, "is_amplify_first_chunk": True})
+    plan = pipe.plan("a fox", opts)
+    assert [plan.steps_in_chunk(k) for k in range(3)] == [6, 3, 3]
+    resume = next(pipe.stream("a fox", opts)).state if first_chunk else None
+    progress = Progress("bar", plan.num_chunks, plan.num_frames, first_chunk, plan.frames_before(first_chunk),
+                        plan.total_steps(first_chunk))
+    events = []
+    for chunk in pipe.stream("a fox", opts, resume=resume,
+                             on_step=lambda info: (events.append(info), progress.step(info))[1]):
+        progress.chunk(chunk.index, chunk.frames.shape[0], "out.partial.mp4")
+    progress.close()
+    steps = sum(e.phase == "denoise" for e in events)
+    assert steps == plan.total_steps(first_chunk) == (12 if first_chunk == 0 else 6)
+    totals = {int(m.group(1)) for m in re.finditer(r"\d+/(\d+) steps", capsys.readouterr().err)}
+    assert totals == {steps}
 
 
 def test_json_and_quiet_modes_draw_no_bar(capsys):

@@ -113,11 +113,11 @@ def check_lora(args) -> None:
     """--lora files exist (or are repo ids), and go with the offload mode: said before the model loads."""
     from pathlib import Path
 
-    from ..model.hub import REPO_ID
+    from ..model.hub import is_repo_id
 
     for path, _ in args.lora:
-        if not Path(path).expanduser().exists() and not REPO_ID.match(path):
-            raise FileNotFoundError(f"--lora {path}: no such file or folder (nor a Hugging Face repo id)")
+        if not Path(path).expanduser().exists() and not is_repo_id(path):
+            raise FileNotFoundError(f"--lora {path}: no such file or folder (a Hugging Face repo id is owner/name)")
     if args.lora and args.offload == "blocks":  # said now, not after loading (and quantizing) the model
         raise ValueError("--lora with --offload blocks: streamed blocks take no LoRA adapters; use --offload model")
 

@@ -121,7 +121,8 @@ def _generate_to_file(pipe, args, plan, media: dict, state, notice: str | None) 
     num_chunks, total, opts = plan.num_chunks, plan.num_frames, plan.opts
     first = state.next_chunk if state is not None else 0
     done = plan.frames_before(first)
-    progress = Progress("quiet" if args.quiet else "json" if args.json else "bar", num_chunks, total, first, done)
+    progress = Progress("quiet" if args.quiet else "json" if args.json else "bar", num_chunks, total, first, done,
+                        plan.total_steps(first))
     if first >= num_chunks and args.output.is_file() and not partial_path(args.output).exists():
         print(f"helios: nothing to resume: {args.resume} is the state after the last chunk of {args.output}",
               file=sys.stderr)

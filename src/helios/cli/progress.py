@@ -1,8 +1,8 @@
 """What the `helios` command shows while it generates: a progress bar, JSON lines, or nothing.
 
 The bar moves with the denoising steps of all chunks and shows frames done / total, generation frames per second and
-the ETA. Chunk 0 of the distilled model takes twice the steps (the amplified first chunk), so the step total is
-re-estimated from the step counts the pipeline reports for each chunk. The ETA is not the bar's step rate: decoding
+the ETA. The step total is the plan's from the start (chunk 0 of the distilled model takes twice the steps: the
+amplified first chunk). The ETA is not the bar's step rate: decoding
 a chunk takes no steps but real time, so once a chunk is done the ETA is the mean time per chunk times what is left.
 
 Its label says what is happening: the pipeline reports each phase through its on_step callback (text and input
@@ -25,11 +25,12 @@ BEFORE_CHUNKS = ("text", "image", "video")  # phases of the whole run, before it
 class Progress:
     """mode: "bar" (tqdm on stderr), "json" (one object per chunk on stdout), or "quiet"."""
 
-    def __init__(self, mode: str, num_chunks: int, total_frames: int, first_chunk: int = 0, frames_done: int = 0):
-        self.mode, self.num_chunks, self.total_frames = mode, num_chunks, total_frames
+    def __init__(self, mode: str, num_chunks: int, total_frames: int, first_chunk: int = 0, frames_done: int = 0,
+                 total_steps: int = 0):
+        self.mode, self.num_chunks, self.total_frames, self.total_steps = mode, num_chunks, total_frames, total_steps
         self.frames_start, self.frames_done = frames_done, frames_done
         self.start = time.perf_counter()
-        self._chunk_start, self._steps_before, self._bar = self.start, 0, None
+        self._chunk_start, self._bar = self.start, None
         self._current, self._durations = first_chunk, []  # seconds of each chunk finished in this run
         self._stop_ticking = threading.Event()
 
@@ -53,11 +54,8 @@ class Progress:
         if info.phase != "denoise":
             self.phase(activity)
             return
-        if info.step == 1:  # a chunk starts: now its step count is known; later chunks take as many
+        if info.step == 1:  # a chunk starts
             self.phase(activity)
-            later = self.num_chunks - info.chunk - 1
-            self._bar.total = self._steps_before + info.steps * (1 + later)
-            self._steps_before += info.steps
         else:
             self._bar.set_postfix_str(self._status(), refresh=False)
         self._bar.update(1)
@@ -103,7 +101,7 @@ class Progress:
         if self._bar is None:  # made at the first event: a run that fails its checks shows no bar
             from tqdm import tqdm
 
-            self._bar = tqdm(total=0, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False, desc=label,
+            self._bar = tqdm(total=self.total_steps, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False, desc=label,
                              postfix=self._status(), bar_format="{desc} {bar} {n_fmt}/{total_fmt} steps [{elapsed}"
                              "{postfix}]")
             threading.Thread(target=self._tick, name="helios-progress", daemon=True).start()

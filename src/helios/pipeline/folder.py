@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from ..model.hub import REPO_ID, resolve_directory
+from ..model.hub import is_repo_id, resolve_directory
 
 if TYPE_CHECKING:  # imported where used: naming a model must not cost importing torch
     from ..sampling.options import Variant
@@ -129,7 +129,7 @@ def read_variant(folder: Path) -> Variant:
 
 def check_model_name(name: str) -> None:
     """Fail fast (before loading anything heavy) on a name that is no built-in, folder or repo id."""
-    if name in BUILTIN_MODELS or Path(name).expanduser().exists() or REPO_ID.match(name):
+    if name in BUILTIN_MODELS or Path(name).expanduser().exists() or is_repo_id(name):
         return
     raise ValueError(
         f"unknown model {name!r}: not a built-in model ({', '.join(BUILTIN_MODELS)}), not an existing folder, "

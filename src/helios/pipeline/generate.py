@@ -341,8 +341,8 @@ def check_device(device, name: str = "device") -> torch.device:
     """`device` as a torch.device if the pipeline can run there, else a ValueError naming it as `name`."""
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"{name} {device}: not a device ({err})") from None
+    except (RuntimeError, TypeError):  # torch's message lists its 20 device types: not what a user needs
+        raise ValueError(f"{name} {device}: not a device; helios runs on {' or '.join(DEVICE_TYPES)}") from None
     if device.type not in DEVICE_TYPES:
         raise ValueError(f"{name} {device}: not supported; helios runs on {' or '.join(DEVICE_TYPES)}")
     if device.type == "cuda":

@@ -89,15 +89,28 @@ def _read_video_file(path: Path, name: str) -> list[PIL.Image.Image]:
     return [PIL.Image.fromarray(frame) for frame in frames]
 
 
+BROKEN_HEAD = "damaged or truncated before its first frame"
+
+
 def read_video(path: str | os.PathLike) -> tuple[np.ndarray, Fraction]:
-    """(uint8 frames [F, H, W, 3], fps) of a video file, decoded with PyAV."""
+    """(uint8 frames [F, H, W, 3], fps) of a video file, decoded with PyAV. A file that breaks off is a ValueError
+    that says where, in our words (PyAV says "Invalid data found when processing input: 'avcodec_send_packet()'")."""
     import av
 
-    with av.open(str(path)) as container:
+    try:
+        container = av.open(str(path))
+    except av.InvalidDataError:
+        raise ValueError(f"not a video file, or {BROKEN_HEAD}") from None
+    with container:
         if not container.streams.video:
-            raise ValueError("no video stream")
-        stream = container.streams.video[0]
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+            raise ValueError(f"no video stream: not a video file, or {BROKEN_HEAD}")
+        stream, frames = container.streams.video[0], []
+        try:
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+        except av.InvalidDataError:
+            raise ValueError(f"the file is damaged or truncated at frame {len(frames) + 1} ({len(frames)} frames "
+                             "could be read)") from None
         if not frames:
             raise ValueError("no frames")
         return np.stack(frames), Fraction(stream.average_rate)

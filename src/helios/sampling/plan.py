@@ -61,6 +61,15 @@ class GenerationPlan:
         """The denoising schedule of every stage of chunk k (the first chunk may take more steps)."""
         return stage_schedules(self.variant, self.opts, self.latent_size, k == 0, self.patch_size)
 
+    def steps_in_chunk(self, k: int) -> int:
+        """Denoising steps of chunk k, all stages (what a progress bar counts)."""
+        return sum(len(s) for s in self.stage_schedules(k))
+
+    def total_steps(self, first_chunk: int = 0) -> int:
+        """Denoising steps of chunks first_chunk..num_chunks-1: chunk 0 may be amplified, the others are alike."""
+        later = self.num_chunks - max(first_chunk, 1)
+        return (self.steps_in_chunk(0) if first_chunk == 0 else 0) + max(later, 0) * self.steps_in_chunk(1)
+
 
 def make_plan(prompt, opts: SamplingOptions, variant: Variant, defaults: dict | None = None, *,
               seconds: float | None = None, fps: float = 24, patch_size=PATCH_SIZE) -> GenerationPlan:

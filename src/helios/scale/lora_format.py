@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..model.hub import REPO_ID
+from ..model.hub import is_repo_id
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, also the official training script's
 
@@ -69,7 +69,7 @@ class Factors:
 def locate(path_or_repo, weight_name: str | None = None) -> Path:
     """The safetensors file: a file, a folder holding it (the official training output), or a hub repo id."""
     path = Path(path_or_repo).expanduser()
-    if not path.exists() and REPO_ID.match(str(path_or_repo)):
+    if not path.exists() and is_repo_id(path_or_repo):
         from huggingface_hub import hf_hub_download
 
         try:

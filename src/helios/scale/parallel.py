@@ -1,7 +1,7 @@
 """One video on several processes: Ulysses sequence parallelism and CFG parallelism over torch.distributed.
 
 Functions that take a finished model (or pipeline) and a process group, as torchtitan's parallelize.py and
-gpt-fast's tp.py do; model.py knows nothing of them. They use two seams of the model: its token placement
+gpt-fast's tp.py do; transformer.py knows nothing of them. They use two seams of the model: its token placement
 (`model.placement`: where a forward's tokens live, all on one device by default) and the attention function of
 every self-attention (`block.attn1.attention`).
 
