@@ -260,7 +260,7 @@ def test_compile_flag_compiles_the_pipelines_transformer(tmp_path, monkeypatch):
     from helios.cli import main
 
     compiled = []
-    monkeypatch.setattr(helios.scale.speed, "compile_blocks", lambda model: compiled.append(model) or model)
+    monkeypatch.setattr(helios.scale.speed, "compile_blocks", lambda model, mode=None: compiled.append(model) or model)
     monkeypatch.chdir(tmp_path)
     args = [*map(str, FAST), "--prompt", "a fox", "--num-frames", "33", "--quiet"]
     assert main(["generate", *args, "--output", "fox.mp4", "--compile"]) == 0

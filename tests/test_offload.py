@@ -52,7 +52,7 @@ def resident_videos(tiny_folders):
 
 @pytest.mark.parametrize("conditioning", CASES)
 @pytest.mark.parametrize("variant", ["base", "mid", "distilled"])
-@pytest.mark.parametrize("offload", ["model", "blocks"])
+@pytest.mark.parametrize("offload", ["model", "blocks", "text_encoder"])
 def test_offloaded_pipelines_make_the_same_video_bitwise(tiny_folders, resident_videos, variant, conditioning,
                                                          offload):
     pipe = HeliosPipeline.from_pretrained(tiny_folders[variant], device="cpu", offload=offload)
@@ -74,7 +74,7 @@ def test_unknown_offload_mode_names_the_choices_before_loading_anything(tiny_fol
     import helios.pipeline.generate
 
     monkeypatch.setattr(helios.pipeline.generate, "open_model_folder", lambda *a: pytest.fail("loaded before checking"))
-    with pytest.raises(ValueError, match=r"offload must be one of None, 'model', 'blocks', got 'disk'"):
+    with pytest.raises(ValueError, match=r"offload must be one of None, 'model', 'blocks', 'text_encoder', got 'disk'"):
         HeliosPipeline.from_pretrained(tiny_folder, device="cpu", offload="disk")
     with pytest.raises(ValueError, match=r"got True"):
         HeliosPipeline.from_pretrained(tiny_folder, device="cpu", offload=True)
@@ -153,6 +153,24 @@ def test_block_offload_keeps_the_transformer_and_moves_the_others(tiny_folder, m
     only = frozenset
     assert _phases(log) == [("encode text", only()), ("denoise", only()), ("decode", only({"vae"}))]
     assert [entry[1:] for entry in log if entry[0] == "move"] == [("vae", "device"), ("vae", "host")]
+
+
+def test_text_encoder_offload_moves_the_encoder_out_once_and_keeps_the_transformer(tiny_folder, monkeypatch):
+    pipe = HeliosPipeline.from_pretrained(tiny_folder, device="cpu", offload="text_encoder")
+    plan = plan_loading("text_encoder", torch.device("cuda"))
+    assert (plan.transformer.type, plan.vae.type, plan.text_encoder.type, plan.resident) == ("cpu", "cuda", "cpu",
+                                                                                              ("vae",))
+    log = _record_phases(pipe, monkeypatch)
+    pipe.generate("a red fox", _opts("distilled", 66))
+    only = frozenset
+    assert _phases(log) == [("encode text", only({"text_encoder"})),  # the VAE is resident: it never moves
+                            *[("denoise", only({"transformer"})), ("decode", only({"transformer"}))] * 2]
+    # the encoder leaves when the transformer first needs the device; the transformer then stays for every chunk
+    assert [e[1:] for e in log if e[0] == "move"] == [("text_encoder", "device"), ("text_encoder", "host"),
+                                                      ("transformer", "device")]
+    with pipe.placement.on_device("transformer"):  # a prompt change mid-chunk: the device is given back after it
+        pipe._encode_texts(["a new prompt"], _opts("distilled", 33).resolve(pipe.variant))
+        assert pipe.placement.on == {"transformer"}
 
 
 def test_a_phase_nested_in_another_gives_the_device_back(tiny_folder, monkeypatch):
@@ -244,7 +262,7 @@ def test_generate_rejects_bad_offload_flags(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--offload", "disk"])
     assert exit_info.value.code == 2
-    assert "--offload: invalid choice: 'disk' (choose from 'model', 'blocks')" in capsys.readouterr().err
+    assert "--offload: invalid choice: 'disk' (choose from 'auto', 'none', 'text_encoder', 'model', 'blocks')" in capsys.readouterr().err
     assert main([*args, "--text-encoder-device", "tpu:x"]) == 2
     assert "--text-encoder-device tpu:x" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -143,3 +143,27 @@ def test_quantize_block_leaves_a_block_the_stream_can_flatten():
     names = set(leaf_tensors(block))
     assert {"0.weight#qdata", "0.weight#scale", "0.bias"} <= names
     assert all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in leaf_tensors(block).values())
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_quantized_blocks_through_the_host_cache_keep_the_output_and_take_no_second_copy(folders, scheme):
+    import functools
+
+    from helios.scale.block_copies import StreamStats
+    from helios.scale.stream_blocks import load_streamed
+
+    resident = load(folders["tiny"], scheme)
+    streamed = load_streamed(HeliosTransformer3DModel, folders["tiny"], torch.bfloat16, "cpu", host_cache=True,
+                             prepare_block=functools.partial(quantize_block, scheme=scheme))
+    stream = streamed.block_stream
+    stream.stats = StreamStats()
+    assert torch.equal(forward(streamed), forward(resident))
+    assert torch.equal(forward(streamed, seed=1), forward(resident, seed=1))
+    stream.finish_copies()
+    stats = stream.stats.as_dict()
+    held = stream.checkpoint.tensors
+    # the cache is the held tensors themselves, moved (pinned on CUDA) where they are: no second copy in RAM
+    assert stats["fill_bytes"] == stream.copies.cache.nbytes == sum(t.numel() * t.element_size() for t in held.values())
+    for key, cached in stream.copies.cache.tensors.items():
+        assert cached.data_ptr() == held[key].data_ptr()
+    assert stats["h2d_bytes"] == stream.fetched_bytes and stats["read_bytes"] == 0

@@ -260,3 +260,101 @@ def test_memory_bench_tiny_case_shows_the_bounds():
     assert blocks["forward_peak_rss"] - blocks["baseline_rss"] <= 0.5 * checkpoint
     assert resident["forward_peak_rss"] - resident["baseline_rss"] >= 0.9 * checkpoint  # it measures the weights
     assert "tiny: 12 blocks" in done.stderr and "blocks: forward" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The copy pipeline's modes (block_copies.py): the host cache, staged parallel reads, prefetch depth, stats. The
+# CUDA path's logic runs here through HostLink, which does the device side synchronously.
+
+
+def _staged(stream, cache: bool, **kwargs):
+    from helios.scale.block_copies import HostCache, HostLink, StagedCopies
+
+    stream.copies = StagedCopies(HostLink(), HostCache(HostLink()) if cache else None, **kwargs)
+    return stream
+
+
+@pytest.mark.parametrize("mode", ["cache", "staged", "staged-tiny-pieces", "3-slots", "4-slots"])
+def test_every_copy_mode_gives_the_resident_output_bitwise(checkpoint, mode):
+    from helios.scale.block_copies import StreamStats
+
+    resident = HeliosTransformer3DModel.from_pretrained(checkpoint)
+    slots = int(mode[0]) if mode.endswith("slots") else 2
+    streamed = load_streamed(HeliosTransformer3DModel, checkpoint, torch.float32, "cpu", slots=slots,
+                             host_cache=mode == "cache")
+    stream = streamed.block_stream
+    if mode.startswith("staged"):  # 3 staging buffers of 512 bytes: tensors cut into many pieces, read by 3 threads
+        _staged(stream, False, **(dict(staging_bytes=512, buffers=3, readers=3) if "tiny" in mode else {}))
+    stream.stats = StreamStats()
+    inputs = make_inputs(CONFIG, "helios")
+    with torch.inference_mode():
+        expected = resident(**inputs).sample
+        assert torch.equal(streamed(**inputs).sample, expected) and torch.equal(streamed(**inputs).sample, expected)
+    stream.finish_copies()  # block 0, fetched ahead for a next forward, has landed too
+    stats = stream.stats.as_dict()
+    assert stats["blocks"] * stream.block_bytes == stream.fetched_bytes  # every fetch counted, at its bytes
+    if mode == "cache":  # read once into the cache (fill), then every fetch copies from it
+        assert stats["fill_bytes"] == 4 * stream.block_bytes and stats["read_bytes"] == 0
+        assert stats["h2d_bytes"] == stream.fetched_bytes and stream.host_cache
+        assert stream.copies.cache.nbytes == 4 * stream.block_bytes
+        arenas = {t.untyped_storage().data_ptr() for t in stream.copies.cache.tensors.values()}
+        assert len(arenas) == 1  # carved from one arena, not one (power-of-two rounded) allocation per tensor
+    elif mode.startswith("staged"):
+        assert stats["read_bytes"] == stats["h2d_bytes"] == stream.fetched_bytes
+    else:  # the CPU path: one copy, on the calling thread
+        assert stats["read_bytes"] == stream.fetched_bytes and len(stream.slots) == slots
+    assert all(stats[k] >= 0 for k in stats) and stats["read_s"] + stats["fill_s"] > 0
+
+
+def test_slots_fetch_up_to_slots_minus_one_blocks_ahead(checkpoint, monkeypatch):
+    events = _spy_schedule(monkeypatch)
+    model = load_streamed(HeliosTransformer3DModel, checkpoint, torch.float32, "cpu", slots=3)
+    with torch.inference_mode():
+        model(**make_inputs(CONFIG, "helios"))
+    fetched_before = {}
+    for k, (kind, i) in enumerate(events):
+        if kind == "compute":
+            fetched_before[i] = {j for kind2, j in events[:k] if kind2 == "fetch"}
+    assert fetched_before[0] == {0, 1, 2} and fetched_before[1] == {0, 1, 2, 3}  # two blocks ahead
+
+
+def test_stats_are_off_by_default_and_sum_to_the_bytes_moved(checkpoint):
+    from helios.scale.block_copies import StreamStats
+
+    model = load_streamed(HeliosTransformer3DModel, checkpoint, torch.float32, "cpu")
+    assert model.block_stream.stats is None and not model.block_stream.host_cache  # CPU, auto: no cache
+    model.block_stream.stats = stats = StreamStats()
+    with torch.inference_mode():
+        model(**make_inputs(CONFIG, "helios"))
+    assert stats.blocks == 4 and stats.read_bytes == model.block_stream.fetched_bytes
+    assert "4 blocks: read" in stats.summary() and "GB/s" in stats.summary()
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None, "on"])
+def test_bad_host_cache_values_name_the_argument(checkpoint, bad):
+    with pytest.raises(ValueError, match=r"host_cache must be True, False or 'auto'"):
+        load_streamed(HeliosTransformer3DModel, checkpoint, torch.float32, "cpu", host_cache=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_bad_slot_counts_name_the_argument(checkpoint, bad):
+    with pytest.raises(ValueError, match=r"slots must be a positive integer"):
+        load_streamed(HeliosTransformer3DModel, checkpoint, torch.float32, "cpu", slots=bad)
+
+
+def test_pread_of_a_file_cut_short_names_it(tmp_path):
+    import numpy as np
+
+    from helios.scale.mapped import MappedCheckpoint
+
+    folder = _checkpoint(tmp_path)
+    path = folder / WEIGHTS
+    checkpoint = MappedCheckpoint({path: None})
+    key = max(checkpoint.where, key=lambda k: checkpoint.record(k).start)  # the last tensor in the file
+    out = np.empty(checkpoint.record(key).nbytes, np.uint8)
+    checkpoint.read_piece(key, 0, out)  # whole: fine
+    assert out.tobytes() == path.read_bytes()[checkpoint.record(key).start :][: len(out)]
+    os.truncate(path, path.stat().st_size - 8)
+    with pytest.raises(CheckpointChanged, match=re.escape(str(path))):
+        checkpoint.read_piece(key, 0, out)
+    checkpoint.close()

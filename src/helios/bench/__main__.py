@@ -14,6 +14,7 @@ COMMANDS = {  # command -> (module, what it measures)
     "serve": ("serve", "the server's overhead against the library call"),
     "parallel": ("parallel", "sequence parallelism on 1, 2, 4 processes: time per step, bytes moved"),
     "quantize": ("quantize", "int8 / fp8 weight-only against bf16: bytes, error, time, PSNR, load peak"),
+    "realtime": ("realtime", "Helios-Distilled end to end with each speed option, vs the reference (GPU: 14B)"),
 }
 
 

@@ -17,6 +17,9 @@ Cases (issue 12's targets in brackets):
 - load: loading that checkpoint with "blocks" [peak <= one block + the non-block weights].
 - tiny: the same measurements at width 512 (a 12-block, 0.2 GB fp32 checkpoint), which the test suite runs.
 
+With --device cuda (or --device cpu --toy, a smoke test), instead: one Distilled chunk per offload plan, timed, with
+the device's peak and where the streamed copies' time goes (memory_plans.py).
+
 Not a benchmark against the reference: it needs nothing but helios.
 """
 
@@ -281,15 +284,43 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", choices=CASES, default=["6-block", "load", "14b"])
     p.add_argument("--dir", type=Path, help="where to write the checkpoints (default: the system's temporary folder)")
+    p.add_argument("--device", help="cuda: a Distilled chunk per offload plan on the GPU instead of the host-memory "
+                   "cases (memory_plans.py); cpu with --toy: the same, tiny")
+    p.add_argument("--layers", type=int, help="with --device: blocks of the checkpoint (default 40; the issue's: 8)")
+    p.add_argument("--toy", action="store_true", help="with --device: a tiny width at 64x128 (a smoke test)")
+    p.add_argument("--plans", nargs="+", help="with --device: which plans (default: all of memory_plans.PLANS)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["_probe"]:
         return probe(*argv[1:])
+    if argv[:1] == ["_plan"]:
+        from .memory_plans import probe_plan
+
+        return probe_plan(*argv[1:])
     args = p.parse_args(argv)
     parent = args.dir or Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
+    if args.device is not None:
+        return _device_plans(p, args, parent)
     results = {"machine": machine(), "mem_total": _meminfo("MemTotal")}
     with tempfile.TemporaryDirectory(dir=parent, prefix="helios-memory-") as root:
         for case in args.cases:
             results[case] = run_case(case, Path(root), shutil.disk_usage(root).free)
             print("\n".join(summary(case, results[case])), file=sys.stderr, flush=True)
+    print(json.dumps(results, indent=2))
+
+
+def _device_plans(p: argparse.ArgumentParser, args, parent: Path) -> None:
+    from .memory_plans import PLANS, run_plans
+
+    plans = args.plans or list(PLANS)
+    if args.device not in ("cuda", "cpu") or (args.device == "cpu" and not args.toy):
+        p.error("--device must be cuda, or cpu with --toy")
+    if args.layers is not None and args.layers < 1:
+        p.error("--layers must be a positive integer")
+    if any(plan not in PLANS for plan in plans):
+        p.error(f"--plans: choose from {', '.join(PLANS)}")
+    results = {"machine": machine(), "mem_total": _meminfo("MemTotal")}
+    with tempfile.TemporaryDirectory(dir=parent, prefix="helios-plans-") as root:
+        results["plans"] = run_plans(Path(root), args.device, args.layers, args.toy, plans,
+                                     write_random_checkpoint)
     print(json.dumps(results, indent=2))

@@ -29,7 +29,7 @@ import torch
 from ..model.config import HeliosConfig
 from ..model.transformer import HeliosTransformer3DModel
 from ..model.weights import param_dtype
-from ..scale.quantize import SCHEMES, parameter_bytes, quantize_block
+from ..scale.quantize import WEIGHT_ONLY as SCHEMES, parameter_bytes, quantize_block
 from .common import machine, rss_now, rss_peak, timed
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=2, text_dim=32, freq_dim=32,

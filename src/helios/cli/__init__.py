@@ -38,7 +38,7 @@ examples:
   # ... interrupted? The state alone continues it (story.partial.mp4 holds what is done)
   helios generate --resume story.state
 
-  # a GPU with 24 GB or less: stream the transformer's blocks (README: Low memory)
+  # a GPU with 24 GB or less: --offload auto (the default) picks a plan that fits and says which; or choose one
   helios generate --model {PUBLISHED[2]} --prompt "..." --offload blocks --output fox.mp4
   # int8 weights (half the memory; pip install "helios[quantize]") and a LoRA adapter at scale 0.8
   helios generate --model {PUBLISHED[2]} --prompt "..." --quantize int8 --lora my_style.safetensors:0.8 -o fox.mp4
@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_arguments(serve)
     _lora_argument(serve)
     _memory_arguments(serve)
+    _speed_arguments(serve)
     serve.set_defaults(run=_run_serve)
     return parser
 
@@ -182,7 +183,8 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--lossless", action="store_true", default=None,
                    help="exact 8-bit RGB frames (libx264rgb); plays in ffmpeg, mpv, VLC, not in browsers")
     _sampler_arguments(p)
-    _memory_arguments(p)
+    _speed_arguments(p)
+    _memory_arguments(p, auto=True)
 
 
 def _sampler_arguments(p: argparse.ArgumentParser) -> None:
@@ -205,8 +207,13 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
                    "--resume, the run's own; the VAE runs in float32)")
     s.add_argument("--device", help="cpu, cuda, cuda:1, ... (default auto: cuda if available; with --resume, the "
                    "run's choice)")
-    s.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks, for GPUs (the first "
-                   "chunk at each resolution waits for the compiler; on a CPU it gains nothing)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks, for GPUs: one graph "
+                   "per stage size, all compiled before the first chunk (the wait is printed); on a CPU it gains "
+                   "nothing")
+    s.add_argument("--compile-mode", choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead"),
+                   help="implies --compile. default: Inductor's defaults; max-autotune-no-cudagraphs: also tunes the "
+                   "matmuls (a longer compile, what the official scripts use); reduce-overhead: CUDA graphs, CUDA "
+                   "only (default: default)")
     _parallel_arguments(p)
     r = p.add_argument_group("long runs and output")
     r.add_argument("--state", type=Path, metavar="PATH", help="save the generation state here after every chunk")
@@ -224,17 +231,32 @@ def _lora_argument(p, more: str = "") -> None:
                    f"Hugging Face repo id; SCALE defaults to 1. Repeat for several adapters{more}")
 
 
-def _memory_arguments(p: argparse.ArgumentParser) -> None:
+def _speed_arguments(p: argparse.ArgumentParser) -> None:
+    # Not saved in --state: it changes when frames are made, not which (resume may choose again).
+    p.add_argument("--overlap-decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode chunk k while chunk k + 1 denoises, on a CUDA stream of its own (same frames; a "
+                   "prompt change may land one chunk later). Default auto: on for CUDA without --offload, off on a "
+                   "CPU, where it gains nothing; not with --offload")
+
+
+def _memory_arguments(p: argparse.ArgumentParser, auto: bool = False) -> None:
     m = p.add_argument_group("low memory (README: Low memory)")
-    m.add_argument("--offload", choices=("model", "blocks"),
-                   help="model: keep the text encoder, transformer and VAE in RAM, each on the GPU only while it runs "
+    # generate: None = not given, so that --resume can take the run's own; it then means auto (generate.py)
+    m.add_argument("--offload", choices=("auto", "none", "text_encoder", "model", "blocks") if auto else ("model", "blocks"),
+                   help=("auto (the default on CUDA): the fastest plan that fits the GPU's free memory, said in one "
+                         "line; on a CPU, none; none: everything stays on the device; text_encoder: the text encoder "
+                         "and the transformer take turns on the GPU, each staying until the other needs it; " if auto
+                         else "") +
+                   "model: keep the text encoder, transformer and VAE in RAM, each on the GPU only while it runs "
                    "(the GPU holds the largest one, 28.6 GB at 14B); blocks: also stream the transformer's blocks "
-                   "from the checkpoint file through two GPU buffers (a few GB of GPU memory, little RAM; bound by "
-                   "PCIe; with --quantize, the quantized blocks are held in RAM and stream from there, half the "
-                   "bytes). Default: everything stays on the device")
-    m.add_argument("--quantize", choices=("int8", "fp8"), help="weight-only quantization of the transformer's blocks "
-                   "while loading: about half the bytes of bf16, 14.6 GB at 14B (needs torchao: pip install "
-                   "\"helios[quantize]\"; with --resume, the run's own)")
+                   "to the GPU at every forward (a few GB of GPU memory; from pinned RAM when it holds them, else "
+                   "from the checkpoint; bound by PCIe; with --quantize, the quantized blocks are held in RAM, half "
+                   "the bytes)" + ("" if auto else ". Default: everything stays on the device"))
+    m.add_argument("--quantize", choices=("int8", "fp8", "fp8-compute"), help="quantize the transformer's blocks "
+                   "while loading, about half the bytes of bf16 (14.6 GB at 14B). int8, fp8: weight-only, for memory "
+                   "(slower than bf16 on a GPU); fp8-compute: fp8 activations x fp8 weights, for speed, on GPUs with "
+                   "fp8 tensor cores (compute capability 8.9+: L4, H100). Needs torchao: pip install "
+                   "\"helios[quantize]\"; with --resume, the run's own")
     m.add_argument("--text-encoder-device", metavar="DEVICE",
                    help="run the text encoder here for good, e.g. cpu (then it needs no GPU memory; it runs once per "
                    "prompt). Default: --device")

@@ -42,15 +42,19 @@ def generate(args) -> int:
     from ..sampling.plan import make_plan
 
     device, dtype = device_and_dtype(args)
+    _check_speed_flags(args, device)
     encoder_device = text_encoder_device(args)
     with open_model(args.model) as model:
         # The plan checks the options against the model's config files before any weights are read.
         opts = state.options if state is not None else _options(args)  # resolved: given ones agree with them
         plan = make_plan(prompt, opts, model.variant, model.defaults, patch_size=model.patch_size)
+        encoder_device = _choose_offload(args, model, device, plan.opts) or encoder_device
         check_launch(world_size(), model.attention_heads, args.cfg_parallel, plan.opts.guidance_scale)
         device = process_device(device)  # under torchrun: this process's GPU
         with process_group(device, args.dist_timeout) as several:  # under torchrun: one video, all processes
             pipe = _load(HeliosPipeline, model, args, (device, dtype, encoder_device), several)
+            if args.compile:
+                _precompile(pipe, plan, args)
             if rank() != 0:
                 code = _follow(pipe, args, plan, media, state)
             else:
@@ -59,6 +63,36 @@ def generate(args) -> int:
             if several and code == 0:
                 leave_together()
             return code
+
+
+def _choose_offload(args, model, device, opts):
+    """--offload auto (also when not given) and none -> the mode to load with. Auto plans with fit.py for the
+    device's free memory (a CPU: no offload) and says the plan in one line; returns the text encoder's device when
+    the plan moves it to the CPU. fit.fake_memory's variables stand in for a GPU in tests."""
+    chosen, args.offload = args.offload, None if args.offload in (None, "auto", "none") else args.offload
+    if chosen not in (None, "auto"):
+        return None
+    import torch
+
+    from ..model.weights import read_config
+    from ..scale import fit
+
+    total = free = fit.fake_memory("DEVICE")
+    if total is None:
+        if device.type != "cuda":
+            return None
+        free, total = torch.cuda.mem_get_info(device)
+    host = fit.fake_memory("HOST")
+    sizes = fit.model_sizes(read_config(model.component("transformer")), opts.height, opts.width)
+    plan = fit.plan_for(free, fit.mem_available() if host is None else host, args.quantize, sizes,
+                        lora=bool(args.lora))
+    args.offload = plan.offload
+    if rank() == 0 and not args.quiet:
+        print(f"helios: {plan.describe(total)}", file=sys.stderr)
+    if plan.text_encoder_device is None or args.text_encoder_device is not None:
+        return None
+    args.text_encoder_device = plan.text_encoder_device  # saved with the state, as if given
+    return torch.device(plan.text_encoder_device)
 
 
 def _load(pipeline_class, model, args, placement, several: bool):
@@ -76,8 +110,40 @@ def _load(pipeline_class, model, args, placement, several: bool):
     if args.compile:
         from ..scale.speed import compile_blocks
 
-        compile_blocks(pipe.transformer)
+        compile_blocks(pipe.transformer, mode=args.compile_mode)
     return pipe
+
+
+def _check_speed_flags(args, device) -> None:
+    """--compile-mode and --quantize against the device, before anything is loaded (a quantize scheme that needs an
+    fp8 GPU is refused by name here, not by the memory planner or halfway through loading)."""
+    args.compile = args.compile or args.compile_mode is not None  # a mode implies --compile
+    if args.compile:
+        from ..scale.speed import check_mode
+
+        check_mode(args.compile_mode, device)
+    if args.quantize is not None:
+        from ..scale.quantize import check_scheme
+
+        check_scheme(args.quantize, device)
+
+
+def _precompile(pipe, plan, args) -> None:
+    """Compile the blocks for every stage size of the run now, so that no chunk waits for the compiler."""
+    import torch
+
+    from ..sampling.history import History
+    from ..scale.speed import precompile
+
+    opts = plan.opts
+    memory = History.empty(1, 1, 1, 1, opts.history_sizes, opts.keep_first_frame).terms(torch.float32)
+    memory_frames = tuple(memory[f"latents_history_{name}"].shape[2] for name in ("long", "mid", "short"))
+    stages = len(plan.stage_schedules(0))
+    seconds = precompile(pipe.transformer, plan.latent_size, stages=stages, frames=opts.num_latent_frames_per_chunk,
+                         memory_frames=memory_frames, text_len=opts.max_sequence_length)
+    if rank() == 0 and not args.quiet:
+        print(f"helios: compiled the transformer's blocks for {stages} stage size(s) in {seconds:.1f} s",
+              file=sys.stderr)
 
 
 def _check_paths(args) -> None:
@@ -167,7 +233,8 @@ def _stream(pipe, args, plan, media: dict, state, on_step):
         negative = state.negative_prompt
     else:
         negative = DEFAULT_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
-    return pipe.stream(plan, negative_prompt=negative, resume=state, on_step=on_step, **media)
+    return pipe.stream(plan, negative_prompt=negative, resume=state, on_step=on_step,
+                       overlap_decode=getattr(args, "overlap_decode", None), **media)
 
 
 def _follow(pipe, args, plan, media: dict, state) -> int:

@@ -75,7 +75,7 @@ def _serve(args, pipe, model, key, data_dir) -> int:
     from ..serve.storage import Store
 
     store = Store(data_dir)
-    worker = Worker(pipe, store, args.max_queue)
+    worker = Worker(pipe, store, args.max_queue, overlap_decode=args.overlap_decode)
     server = Server(pipe, model, args.model, store, worker, key, float(args.max_seconds), args.max_upload_mb * 2**20,
                     float(args.session_timeout))
     restored = restore_jobs(server)

@@ -104,8 +104,8 @@ class HeliosTransformer3DModel(nn.Module):
 
         offload="blocks": only the small modules are loaded; each block's weights are read from the memory-mapped
         checkpoint when the block runs (scale/stream_blocks.py).
-        quantize: None, "int8" or "fp8": weight-only, the blocks' Linear layers, block by block while loading
-        (scale/quantize.py); with offload="blocks", the quantized blocks are what streams."""
+        quantize: None, "int8" or "fp8" (weight-only, for memory), "fp8-compute" (fp8 matmuls, for speed on GPUs of
+        SM 8.9+): the blocks' Linear layers, block by block while loading (scale/quantize.py); with offload="blocks", the quantized blocks are what streams."""
         if offload is None and quantize is None:
             return weights.load_transformer(cls, resolve_directory(path_or_repo_id, subfolder), torch_dtype, device)
         # The one import up a layer, on purpose: the familiar entry point takes the scale options (as diffusers'

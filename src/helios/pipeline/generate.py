@@ -21,11 +21,13 @@ from ..sampling.denoise import Cancelled, denoise_chunk, guided_velocity
 from ..sampling.history import History
 from ..sampling.options import VARIANT_DEFAULTS, SamplingOptions, Variant
 from ..sampling.plan import GenerationPlan, make_plan
+from ..sampling.schedule import to_device_async
 from ..scale import lora
 from ..scale.offload import Resident, plan_loading
 from ..scale.quantize import quantization
 from .folder import ModelFolder, open_model_folder
 from .media import load_image, load_video
+from .overlap import overlapped, resolve_overlap
 from .state import GenerationState, differences, run_settings
 from .steering import PromptTrack, Steering
 from .text import TextEncoder
@@ -56,6 +58,18 @@ class Chunk:
     timings: dict[str, float]  # denoise_s, decode_s
     state: GenerationState  # save it to resume after this chunk
     prompt: dict  # the prompt this chunk moved to, its weight, and the steering change it came from (steering.py)
+
+
+@dataclass
+class _Denoised:
+    """A chunk between its denoise and its decode (overlap.py hands it from one thread to the other)."""
+
+    index: int
+    latents: torch.Tensor  # [1, 16, 9, h, w] fp32
+    state: GenerationState
+    prompt: dict
+    steps: int  # of this chunk, all stages
+    denoise_s: float
 
 
 @dataclass
@@ -102,7 +116,8 @@ class HeliosPipeline:
         offload (README "Low memory"): None keeps every component on `device`; "model" keeps them in host memory,
         each on `device` only while it runs; "blocks" also streams the transformer's blocks from the memory-mapped
         checkpoint. text_encoder_device (e.g. "cpu") runs the text encoder there for good.
-        quantize: None, "int8" or "fp8": the transformer's block weights, weight-only, while loading (quantize.py).
+        quantize: None, "int8" or "fp8" (weight-only, for memory) or "fp8-compute" (fp8 matmuls, for speed on GPUs
+        of SM 8.9+): the transformer's block weights, while loading (scale/quantize.py).
         """
         device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if text_encoder_device is not None:
@@ -151,12 +166,14 @@ class HeliosPipeline:
 
     def generate(self, prompt, opts: SamplingOptions = SamplingOptions(), negative_prompt: str | None = None,
                  image=None, video=None, resume: GenerationState | str | Path | None = None,
-                 on_step: Callable[[StepInfo], bool | None] | None = None) -> Video:
+                 on_step: Callable[[StepInfo], bool | None] | None = None,
+                 overlap_decode: bool | None = None) -> Video:
         """The whole video (the chunks of `stream`, concatenated)."""
+        overlap = self._overlap(overlap_decode)
         run = self._prepare(prompt, opts, negative_prompt, image, video, resume, on_step)
         if run.first_chunk >= run.plan.num_chunks:  # stream() yields nothing then; a whole video of nothing is an error
             raise ValueError(f"resume: the saved state is of a finished run (all {run.plan.num_chunks} chunks are done)")
-        chunks = list(self._chunks(run, on_step))
+        chunks = list(self._chunks(run, on_step, overlap))
         if not chunks:
             raise Cancelled("generation was cancelled before the first chunk finished")
         return Video(torch.cat([c.frames for c in chunks]), torch.cat([c.latents for c in chunks], dim=2),
@@ -165,7 +182,7 @@ class HeliosPipeline:
     def stream(self, prompt, opts: SamplingOptions = SamplingOptions(), negative_prompt: str | None = None,
                image=None, video=None, resume: GenerationState | str | Path | None = None,
                on_step: Callable[[StepInfo], bool | None] | None = None,
-               steering: Steering | None = None) -> Iterator[Chunk]:
+               steering: Steering | None = None, overlap_decode: bool | None = None) -> Iterator[Chunk]:
         """Yield each chunk as soon as it is decoded. Stop iterating to cancel between chunks; return True from
         on_step to cancel between denoising steps (the stream then ends without a partial chunk).
 
@@ -177,19 +194,35 @@ class HeliosPipeline:
         own prompt schedule, options and negative prompt.
 
         steering: prompt changes while the stream runs (`steering.set(prompt, transition_chunks)`), applied when the
-        next chunk starts (steering.py)."""
+        next chunk starts (steering.py). With overlap_decode the next chunk to start may be one later than the chunk
+        after the one last yielded (it may already be denoising).
+
+        overlap_decode (overlap.py): decode chunk k while chunk k + 1 denoises, in a thread of its own; the same
+        chunks, in the same order. None: on for a CUDA device without offload (on a CPU it gains nothing).
+        Not with offload, which takes the VAE and the transformer on and off the device in turn."""
+        overlap = self._overlap(overlap_decode)
         run = self._prepare(prompt, opts, negative_prompt, image, video, resume, on_step, steering)
-        return self._chunks(run, on_step)
+        return self._chunks(run, on_step, overlap)
 
     def plan(self, prompt, opts: SamplingOptions = SamplingOptions(), **length) -> GenerationPlan:
         """The plan of a video with this model: lengths, prompts per chunk, resolved options (see plan.make_plan)."""
         return make_plan(prompt, opts, self.variant, self.defaults, patch_size=self.transformer.config.patch_size,
                          **length)
 
-    def _chunks(self, run: _Run, on_step) -> Iterator[Chunk]:
-        for k in range(run.first_chunk, run.plan.num_chunks):
+    def _overlap(self, overlap_decode) -> bool:
+        return resolve_overlap(overlap_decode, self.device, offload=not isinstance(self.placement, Resident))
+
+    def _chunks(self, run: _Run, on_step, overlap: bool = False) -> Iterator[Chunk]:
+        chunks = range(run.first_chunk, run.plan.num_chunks)
+        if overlap:
+            return overlapped(lambda k, report: self._denoise(run, k, report),
+                              lambda done, report: self._decode(run, done, report), chunks, on_step, self.device)
+        return self._sequential(run, chunks, on_step)
+
+    def _sequential(self, run: _Run, chunks: range, on_step) -> Iterator[Chunk]:
+        for k in chunks:
             try:
-                yield self._chunk(run, k, on_step)
+                yield self._decode(run, self._denoise(run, k, on_step), on_step)
             except Cancelled:
                 return
 
@@ -252,6 +285,10 @@ class HeliosPipeline:
             # Encode a change when it arrives, in the caller's thread. With offload the text encoder would have to
             # visit the device while the transformer runs there, so the stream encodes it at the boundary instead.
             steering.bind(track.encode)
+        if steering is None:
+            # Nothing encodes text again in this run: the encoder's device memory (11 GB at 14B) goes to the run.
+            # A steered run keeps it there, so that a change is encoded as it arrives (offload.Resident.release).
+            self.placement.release("text_encoder")
         return _Run(plan, track, steering, negative, history, generator, seed, first, settings)
 
     @torch.inference_mode()
@@ -302,12 +339,14 @@ class HeliosPipeline:
     # -- one chunk ---------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _chunk(self, run: _Run, k: int, on_step) -> Chunk:
+    def _denoise(self, run: _Run, k: int, on_step) -> _Denoised:
+        """Chunk k's latents, and the state after it: everything but the decode."""
         plan, history, model = run.plan, run.history, self.transformer
         opts, start = plan.opts, time.perf_counter()
         text = run.track.text(k, run.steering.take() if run.steering is not None else None)
         noise = torch.randn(1, model.config.in_channels, opts.num_latent_frames_per_chunk, *plan.latent_size,
-                            generator=run.generator).to(self.device)
+                            generator=run.generator)
+        noise = to_device_async(noise, self.device)
         schedules = plan.stage_schedules(k)
         memory = {**history.terms(model.dtype), **history.indices(opts.num_latent_frames_per_chunk)}
 
@@ -320,18 +359,24 @@ class HeliosPipeline:
         with self.placement.on_device("transformer"):
             latents = denoise_chunk(velocity, noise, schedules, self.variant, run.generator, model.dtype, step_hook)
         latents = latents.float()
-
         history.add_chunk(latents, k, opts.is_skip_first_chunk)
-        denoised = time.perf_counter()
-        if on_step is not None:
-            on_step(StepInfo(k, plan.num_chunks, total, total, "decode"))
-        with self.placement.on_device("vae"):
-            frames = self.vae.postprocess(self.vae.decode(latents))[: plan.frames_in_chunk(k)]
         records = tuple(run.track.records)
         state = GenerationState(history.copy(), run.generator.get_state(), k + 1, run.seed, run.settings,
                                 prompts=records)
-        timings = {"denoise_s": denoised - start, "decode_s": time.perf_counter() - denoised}
-        return Chunk(k, frames, latents, plan.num_chunks, timings, state, records[-1])
+        # The one wait of a chunk, after its last step: denoise_s is then the device's time, not the time to queue
+        # the kernels, and the latents are complete when another stream decodes them (overlap.py).
+        _wait(self.device)
+        return _Denoised(k, latents, state, records[-1], total, time.perf_counter() - start)
+
+    @torch.inference_mode()
+    def _decode(self, run: _Run, done: _Denoised, on_step) -> Chunk:
+        plan, k, start = run.plan, done.index, time.perf_counter()
+        if on_step is not None:
+            on_step(StepInfo(k, plan.num_chunks, done.steps, done.steps, "decode"))
+        with self.placement.on_device("vae"):
+            frames = self.vae.postprocess(self.vae.decode(done.latents))[: plan.frames_in_chunk(k)]
+        timings = {"denoise_s": done.denoise_s, "decode_s": time.perf_counter() - start}
+        return Chunk(k, frames, done.latents, plan.num_chunks, timings, done.state, done.prompt)
 
 
 DEVICE_TYPES = ("cpu", "cuda")  # where the pipeline runs and is tested
@@ -358,6 +403,11 @@ def default_dtype(device: torch.device) -> torch.dtype:
     """The transformer's and text encoder's dtype when none is asked for: bfloat16 on CUDA, as the official scripts;
     float32 on a CPU, where bfloat16 matmuls are slower (or, without AVX-512, missing from oneDNN)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _wait(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def _reporter(on_step, chunk: int, num_chunks: int) -> Callable[[str], None]:

@@ -66,7 +66,7 @@ class GenerationState:
 
     @property
     def quantize(self) -> str | None:
-        """The run's quantization of the transformer ("int8", "fp8"), or None."""
+        """The run's quantization of the transformer ("int8", "fp8", "fp8-compute"), or None."""
         return self.settings.get("quantize")
 
     @property

@@ -150,3 +150,32 @@ def _frame_to_unit(frame, height: int, width: int) -> torch.Tensor:
     return F.interpolate(chw, size=(height, width))[0]
 
 
+
+
+def compare_decode_dtypes(vae: VideoVAE, latents: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                          repeats: int = 1) -> dict[str, float]:
+    """Decode the same latents with `vae` (its own dtype, float32 as shipped) and with a copy in `dtype`: seconds
+    per decode of each (the best of `repeats`, after one warm-up each) and the PSNR in dB of the `dtype` frames
+    against the reference frames, both postprocessed to [0, 1] as a chunk's frames are. For deciding vae_dtype=."""
+    import copy
+    import time
+
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+    other = VideoVAE(copy.deepcopy(vae.vae).to(dtype))
+    out: dict[str, float] = {}
+    frames = {}
+    for name, model in (("reference", vae), ("other", other)):
+        frames[name] = model.postprocess(model.decode(latents))  # warm-up, and the frames compared
+        times = []
+        for _ in range(repeats):
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)
+            start = time.perf_counter()
+            model.postprocess(model.decode(latents))  # to the host: the time includes the device's work
+            times.append(time.perf_counter() - start)
+        out[f"{name}_s"] = min(times)
+    mse = torch.mean((frames["reference"].double() - frames["other"].double()) ** 2).item()
+    out["psnr_db"] = float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+    out["max_abs"] = (frames["reference"] - frames["other"]).abs().max().item()
+    return out

@@ -6,6 +6,7 @@ run one stage per resolution, upsampling with block noise in between (docs/desig
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -17,6 +18,7 @@ from .schedule import (
     cfg_zero_star,
     downsample_noise,
     sampler_step,
+    to_device_async,
     upsample_renoise,
     zero_init_applies,
 )
@@ -75,11 +77,50 @@ def denoise_chunk(
         if stage > 0:
             x = upsample_renoise(x, cfg, stage, generator, model_dtype)
         start_point, state = x, None  # DMD re-noises towards the stage's start point
-        for i, t in enumerate(schedule.timesteps):
-            # The pyramid pipeline feeds the transformer truncated integer timesteps, Base the float values.
-            t = t.expand(batch).to(torch.int64) if variant.is_pyramid else t.expand(batch)
-            v = velocity(x.to(model_dtype), t, stage, i)
+        timesteps = model_timesteps(schedule, variant, x.device)
+        for i in range(len(schedule)):
+            v = velocity(x.to(model_dtype), timesteps[i].expand(batch), stage, i)
             x, state = sampler_step(cfg, x, v, schedule, i, state, start_point)
             if on_step is not None and on_step():
                 raise Cancelled()
     return x
+
+
+def model_timesteps(schedule: Schedule, variant: Variant, device) -> torch.Tensor:
+    """The transformer's timestep input for each step of a stage, [N], on `device`, moved once per stage: a host
+    timestep given to a model on a GPU would be copied there (a blocking copy, so a sync) at every step.
+    The pyramid pipeline feeds the transformer truncated integer timesteps, Base the float values."""
+    timesteps = schedule.timesteps.to(torch.int64) if variant.is_pyramid else schedule.timesteps
+    return to_device_async(timesteps, device)
+
+
+def step_overhead(noise: torch.Tensor, schedules: list[Schedule], variant: Variant, model_dtype: torch.dtype,
+                  opts: SamplingOptions | None = None, text: torch.Tensor | None = None, seed: int = 0) -> float:
+    """Seconds per denoising step spent outside the transformer: denoise_chunk over `schedules` (a chunk's, e.g.
+    plan.stage_schedules(k)) with the model replaced by a function returning a cached tensor per shape, so what
+    is timed is the solver, guidance (with `opts`, whose guidance_scale > 1 runs both passes), casts, stage
+    transitions and the host work of the loop. Waits for the device before and after (a benchmark can call it)."""
+    if not schedules or any(len(s) == 0 for s in schedules):
+        raise ValueError("schedules: give at least one stage with at least one step")
+    cached: dict[tuple, torch.Tensor] = {}
+
+    def model(x, t, context):
+        key = tuple(x.shape)
+        if key not in cached:  # a fixed, plausible velocity; its values do not matter for the time
+            cached[key] = torch.full_like(x, 0.01, dtype=model_dtype)
+        return cached[key]
+
+    text = torch.zeros(1, 1, 1, device=noise.device) if text is None else text
+    velocity = (guided_velocity(model, text, text, variant, opts) if opts is not None
+                else lambda x, t, stage, step: model(x, t, text))
+    generator = torch.Generator("cpu").manual_seed(seed)
+    _wait(noise.device)
+    start = time.perf_counter()
+    denoise_chunk(velocity, noise, schedules, variant, generator, model_dtype)
+    _wait(noise.device)
+    return (time.perf_counter() - start) / sum(len(s) for s in schedules)
+
+
+def _wait(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

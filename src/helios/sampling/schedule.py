@@ -129,7 +129,11 @@ def time_shift(sigmas: torch.Tensor, mu: float, kind: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Schedule:
-    """One denoising pass: N model timesteps and N + 1 sigmas (the last is 0), both float64."""
+    """One denoising pass: N model timesteps and N + 1 sigmas (the last is 0), both float64.
+
+    Kept on the host, also when the latents are on a GPU: a step reads its sigmas as 0-dim host tensors, which enter
+    device kernels as scalars without a sync; on the device every `float(sigma)` would wait for the GPU. Only the
+    transformer's timestep input goes to the device, once per stage (denoise.model_timesteps)."""
 
     timesteps: torch.Tensor  # (N,)
     sigmas: torch.Tensor  # (N + 1,)
@@ -320,8 +324,11 @@ def _unipc_correct(x_prev, x0s, x0, sigmas, i, order, solver_type) -> torch.Tens
         rk = (_flow_lambda(sigmas[i - 2])[2] - lam_0) / h
         d1 = (x0s[-2] - m0) / rk
         # rows are rk^0 and rk^1 for (r_{i-2}, 1); solved in float64, then cast like the reference
+        # rk and b come from the host sigmas (see Schedule), so .item() and the solve read no device tensor; rho
+        # stays on the host too: its 0-dim entries enter the device kernels as scalars, where moving it to the
+        # device would be a blocking copy at every step.
         r = torch.tensor([[1.0, 1.0], [rk.item(), 1.0]], dtype=torch.float64)
-        rho = torch.linalg.solve(r, torch.stack(b).cpu()).to(device=x_prev.device, dtype=x_prev.dtype)
+        rho = torch.linalg.solve(r, torch.stack(b).cpu()).to(dtype=x_prev.dtype)
         corr = rho[0] * d1 + rho[1] * d1_t
     return (x_t - alpha_t * b_h * corr).to(x_prev.dtype)
 
@@ -419,6 +426,13 @@ def renoise_coefficients(cfg: SchedulerConfig, stage: int) -> tuple[float, float
 
 
 def _block_cholesky(k: int, gamma: float, device) -> torch.Tensor:
+    """The factor below, made once per (k, gamma, device): its check of `info` reads a device value (a sync) and
+    it is the same at every stage transition. Callers must not modify it."""
+    return _cached_cholesky(k, float(gamma), None if device is None else torch.device(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_cholesky(k: int, gamma: float, device) -> torch.Tensor:
     """Cholesky factor (fp32) of (1 + gamma) I - gamma 11^T + 1e-8 I, built exactly as the reference does.
 
     At gamma = 1/3 with k = 4 the matrix is singular (zero-sum blocks), and in fp32 the 1e-8 jitter is lost
@@ -450,9 +464,19 @@ def block_noise(
     k = ph * pw
     chol = _block_cholesky(k, gamma, device)
     z = torch.randn(b * c * t * (h // ph) * (w // pw), k, generator=generator, device=generator.device)
-    noise = z.to(device=device) @ chol.T
+    noise = to_device_async(z, device) @ chol.T
     noise = noise.reshape(b, c, t, h // ph, w // pw, ph, pw).permute(0, 1, 2, 3, 5, 4, 6)
     return noise.reshape(b, c, t, h, w)
+
+
+def to_device_async(tensor: torch.Tensor, device) -> torch.Tensor:
+    """`tensor` on `device` (None: where it is) without a host sync. From host memory to CUDA a plain .to() waits
+    for the stream's queued work (a pageable copy is synchronous); through pinned memory with non_blocking it is
+    queued like a kernel (torch's pinned allocator keeps the buffer until the copy is done). Same values."""
+    device = tensor.device if device is None else torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def upsample_renoise(

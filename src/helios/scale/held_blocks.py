@@ -44,6 +44,19 @@ class HeldBlocks:
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
         return out.copy_(self.tensors[key])
 
+    def read_piece(self, key: str, offset: int, out) -> None:
+        out[:] = as_bytes(self.tensors[key])[offset : offset + len(out)]
+
+    def hold_in(self, key: str, alloc) -> torch.Tensor:
+        """Move tensor `key` into memory from `alloc(nbytes)` (pinned memory, for the host cache) where it is: the
+        held block's tensor then uses the new memory and the old is freed, so no second copy is kept. Returns its
+        bytes (uint8)."""
+        tensor = self.tensors[key]
+        moved = alloc(tensor.numel() * tensor.element_size())
+        moved.view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        tensor.data = moved.view(tensor.dtype).view(tensor.shape)
+        return moved
+
     def read_ahead(self, keys) -> None:
         pass  # in memory already
 

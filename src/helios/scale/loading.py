@@ -17,7 +17,7 @@ from .stream_blocks import load_streamed
 def load_scaled(model_class, path_or_repo_id, subfolder=None, torch_dtype=None, device="cpu", offload=None,
                 quantize=None):
     """`model_class` from a checkpoint: resident, or with offload="blocks" its blocks left in the checkpoint to be
-    streamed when called (stream_blocks.py); with quantize ("int8" | "fp8"), each block is quantized as soon as it
+    streamed when called (stream_blocks.py); with quantize ("int8" | "fp8" | "fp8-compute"), each block is quantized as soon as it
     is read (quantize.py), and with offload="blocks" the quantized blocks are what streams."""
     check_offload(offload, TRANSFORMER_MODES, "HeliosTransformer3DModel.from_pretrained")
     prepare_block = None

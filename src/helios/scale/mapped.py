@@ -103,6 +103,20 @@ class MappedFile:
             out.copy_(landing)
         return out
 
+    def read_piece(self, key: str, offset: int, out: np.ndarray) -> None:
+        """Bytes [offset, offset + len(out)) of tensor `key` into `out`, with pread: the kernel copies from the page
+        cache, with no mapping to fault in page by page (the streamed copies to a GPU read this way, from several
+        threads at once). A file cut short reads short, and is reported, where a mapping would raise SIGBUS."""
+        self.check()
+        record, done = self.tensors[key], 0
+        view = memoryview(out).cast("B")
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], record.start + offset + done)
+            if n == 0:
+                self.check()  # names the file if it changed
+                raise CheckpointChanged(f"{self.path}: the weight file ended inside tensor {key!r}")
+            done += n
+
     def read_ahead(self, keys) -> None:
         """Ask the kernel to start reading these tensors into the page cache (no memory of ours is used)."""
         if hasattr(os, "posix_fadvise"):
@@ -150,6 +164,9 @@ class MappedCheckpoint:
 
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
         return self.where[key].read_into(key, out)
+
+    def read_piece(self, key: str, offset: int, out: np.ndarray) -> None:
+        self.where[key].read_piece(key, offset, out)
 
     def read(self, key: str, dtype: torch.dtype, device="cpu") -> torch.Tensor:
         """A new tensor holding `key`, in `dtype` on `device`."""

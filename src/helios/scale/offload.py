@@ -4,6 +4,9 @@ Two modes (README "Low memory"):
 - "model": every component lives in host memory and is on the device only while it runs: the text encoder for a
   run's prompts (their embeddings are kept), the transformer for a chunk's steps, the VAE for an encode or a decode.
   The device holds the largest component and its activations.
+- "text_encoder": the text encoder and the transformer take turns on the device, and each stays there until the
+  other needs it: the encoder leaves once a run's prompts are encoded (the transformer then stays for every chunk),
+  and comes back only for a new prompt. The VAE stays on the device. The device holds the larger of the two.
 - "blocks": "model", and the transformer's blocks stream from the memory-mapped checkpoint through the device one
   block at a time (stream_blocks.py); the transformer's small modules stay on the device.
 
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-PIPELINE_MODES = ("model", "blocks")
+PIPELINE_MODES = ("model", "blocks", "text_encoder")
 TRANSFORMER_MODES = ("blocks",)  # "model" is about a pipeline's components; one transformer has nothing to swap
 
 
@@ -36,10 +39,20 @@ def check_offload(mode, allowed=PIPELINE_MODES, what: str = "HeliosPipeline.from
 
 
 class Resident:
-    """No offload: every component stays where it was loaded, and the work runs on the transformer's device."""
+    """No offload: every component stays where it was loaded, and the work runs on the transformer's device.
 
-    def __init__(self, transformer: nn.Module):
+    The exception is a `releasable` component (the text encoder on a GPU, LoadPlan.placement): `release(name)`
+    moves it to the host once its work is done, and `on_device(name)` brings it back, where it stays until the next
+    release. The first release copies it to the host (11.4 GB at 14B); its host tensors are kept, so later releases
+    copy nothing (the parameters point at them again), and a return is one copy to the device."""
+
+    def __init__(self, transformer: nn.Module, releasable: dict[str, nn.Module] | None = None, device=None):
+        """device: where a released component returns (default: the transformer's device)."""
         self._transformer = transformer
+        self._releasable = dict(releasable or {})
+        self._device = None if device is None else torch.device(device)
+        self._host: dict[str, dict[str, torch.Tensor]] = {}  # a returned component -> its host tensors
+        self.released: set[str] = set()
 
     @property
     def device(self) -> torch.device:
@@ -47,19 +60,39 @@ class Resident:
 
     @contextmanager
     def on_device(self, name: str):
+        if name in self.released:
+            device = self._device or self.device
+            tensors = _tensors(self._releasable[name])
+            # copy=True: to another device it is a copy anyway; on the same one it keeps the host tensors apart.
+            self._host[name] = {key: _point(t, t.to(device, copy=True)) for key, t in tensors.items()}
+            self.released.discard(name)
         yield
 
+    def release(self, name: str) -> None:
+        """Move a releasable component to the host (see the class); anything else stays where it is."""
+        if name not in self._releasable or name in self.released:
+            return
+        host = self._host.pop(name, None)
+        for key, tensor in _tensors(self._releasable[name]).items():
+            _point(tensor, host[key] if host is not None else tensor.to("cpu"))
+        self.released.add(name)
+
     def drop(self, name: str) -> None:
-        """Nothing to let go of: nothing is moved."""
+        """Stop releasing component `name` (a process that no longer runs it, as ComponentOffload.drop)."""
+        self._releasable.pop(name, None)
+        self._host.pop(name, None)
+        self.released.discard(name)
 
 
 class ComponentOffload:
     """Components on the host, each on `device` only inside `on_device(name)`; the others are moved out first."""
 
-    def __init__(self, components: dict[str, nn.Module], device, resident=()):
+    def __init__(self, components: dict[str, nn.Module], device, resident=(), stay: bool = False):
         """components: name -> module, all on the host (except the `resident` ones, which are never moved: the
-        transformer whose blocks stream, a text encoder that runs on the CPU)."""
-        self.device = torch.device(device)
+        transformer whose blocks stream, a text encoder that runs on the CPU). stay: a component stays on the
+        device after its phase, until another phase needs the device (offload="text_encoder")."""
+        self.device, self.stay = torch.device(device), stay
+        self.active: list[str] = []  # the phases entered and not left, outermost first
         self.modules = dict(components)
         self.offloaded = [name for name in components if name not in resident]
         self.host: dict[str, dict[str, torch.Tensor]] = {}  # a component on the device -> its host tensors
@@ -67,19 +100,31 @@ class ComponentOffload:
 
     @contextmanager
     def on_device(self, name: str):
-        if name not in self.offloaded or name in self.on:  # resident, or already there (nested use)
-            yield
-            return
-        evicted = sorted(self.on)
-        for other in evicted:
-            self.move(other, "host")
-        self.move(name, "device")
+        self.active.append(name)
         try:
-            yield
+            if name not in self.offloaded or name in self.on:  # resident, or already there (nested use)
+                yield
+                return
+            evicted = sorted(self.on)
+            for other in evicted:
+                self.move(other, "host")
+            self.move(name, "device")
+            try:
+                yield
+            finally:
+                # With stay, an outermost phase leaves its component there; a nested one (a prompt encoded
+                # mid-chunk) gives the device back to the phase around it, as without stay.
+                if not self.stay or len(self.active) > 1:
+                    self.move(name, "host")
+                    for other in evicted:
+                        self.move(other, "device")
         finally:
+            self.active.pop()
+
+    def release(self, name: str) -> None:
+        """Component `name` leaves the device now if it stayed there (stay) and no phase is running."""
+        if name in self.on and not self.active:
             self.move(name, "host")
-            for other in evicted:  # a phase nested in another (a prompt encoded mid-chunk) gives the device back
-                self.move(other, "device")
 
     def drop(self, name: str) -> None:
         """Stop moving component `name` and let go of its host tensors: a process that no longer runs it (under
@@ -150,9 +195,12 @@ class LoadPlan:
     def placement(self, pipe):
         """The pipeline's placement: Resident without offload, else a ComponentOffload of its components."""
         if self.mode is None:
-            return Resident(pipe.transformer)
+            # A text encoder on a GPU leaves it once a run's prompts are encoded (HeliosPipeline._start); on the
+            # CPU there is nothing to gain, and one on a device of its own (text_encoder_device) stays there.
+            gpu = self.text_encoder.type == "cuda" and "text_encoder" not in self.resident
+            return Resident(pipe.transformer, {"text_encoder": pipe.text_encoder.model} if gpu else None)
         components = {"transformer": pipe.transformer, "vae": pipe.vae.vae, "text_encoder": pipe.text_encoder.model}
-        return ComponentOffload(components, self.device, self.resident)
+        return ComponentOffload(components, self.device, self.resident, stay=self.mode == "text_encoder")
 
 
 def plan_loading(mode, device, text_encoder_device=None) -> LoadPlan:
@@ -167,5 +215,7 @@ def plan_loading(mode, device, text_encoder_device=None) -> LoadPlan:
     host = torch.device("cpu") if mode else device
     text = torch.device(text_encoder_device) if text_encoder_device is not None else host
     transformer = device if mode == "blocks" else host
-    resident = (("transformer",) if mode == "blocks" else ()) + (("text_encoder",) if text_encoder_device is not None else ())
-    return LoadPlan(mode, device, transformer, host, text, resident)
+    vae = device if mode == "text_encoder" else host  # with "text_encoder" only the encoder and transformer move
+    resident = ((("transformer",) if mode == "blocks" else ()) + (("vae",) if mode == "text_encoder" else ())
+                + (("text_encoder",) if text_encoder_device is not None else ()))
+    return LoadPlan(mode, device, transformer, vae, text, resident)

@@ -29,20 +29,17 @@ from __future__ import annotations
 
 import copy
 import itertools
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..model.weights import check_keys, param_dtype, read_config, weight_files
+from .block_copies import (CpuCopies, CudaLink, HostCache, HostLink, StagedCopies, StreamStats, check_host_cache,
+                           host_cache_fits, stream_slots)
 from .held_blocks import hold_blocks, leaf_tensors
-from .mapped import MappedCheckpoint, as_bytes
-
-STAGING_BYTES = 64 * 2**20  # a power of two: the pinned allocator rounds every allocation up to one
-STAGING_BUFFERS = 4
+from .mapped import MappedCheckpoint
 
 
 class StreamedBlock(nn.Module):
@@ -70,6 +67,7 @@ class _Slot:
     ready: object = None  # the copies' token to wait on before computing
     free: object = None  # the copies' token of the last compute on it, to wait on before overwriting
     busy: bool = False
+    ahead: bool = False  # fetched for a block not yet computed: not to be overwritten by another prefetch
     used: int = 0  # when it was last acquired, to overwrite the least recently used
 
 
@@ -77,31 +75,50 @@ class BlockStream:
     """The blocks of one transformer, read from `checkpoint` into at most `slots` resident blocks on `device`.
 
     checkpoint: a MappedCheckpoint, or HeldBlocks (quantized blocks in host memory). template: a block on the meta
-    device (the architecture; slots get empty tensors), or a held block (slots are copies of it)."""
+    device (the architecture; slots get empty tensors), or a held block (slots are copies of it).
+    slots: None picks 1 on a CPU, and on CUDA as many as block_copies.SLOT_BUDGET holds (2 to 4): the blocks after the
+    one computing are fetched up to slots - 1 ahead. host_cache (False | True | "auto"): keep every block's bytes in
+    pinned host memory after its first read (block_copies.py); "auto" does so on CUDA when block_copies.host_cache_fits
+    says the RAM holds them."""
 
     def __init__(self, checkpoint: MappedCheckpoint, template: nn.Module, num_blocks: int, torch_dtype, device,
-                 slots: int | None = None, prefix: str = "blocks"):
+                 slots: int | None = None, prefix: str = "blocks", host_cache=False):
+        check_host_cache(host_cache)
+        if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool) or slots < 1):
+            raise ValueError(f"slots must be a positive integer or None, got {slots!r}")
         self.checkpoint, self.num_blocks = checkpoint, num_blocks
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.max_slots = slots or (2 if self.device.type == "cuda" else 1)
         self.template = template
         self.names = list(leaf_tensors(template))
         self.keys = [[f"{prefix}.{i}.{name}" for name in self.names] for i in range(num_blocks)]
         self.dtypes = {name: param_dtype(f"{prefix}.0.{name}", torch_dtype) for name in self.names}
-        self.copies = _CudaCopies(self.device) if self.device.type == "cuda" else _CpuCopies()
+        self.block_bytes = sum(checkpoint.record(key).nbytes for key in self.keys[0])
+        self.max_slots = slots or self._auto_slots()
+        self.host_cache = self._use_cache(host_cache)
+        self.copies = self._make_copies()
         self.slots: list[_Slot] = []
         self._clock = itertools.count(1)
         self._compile: tuple | None = None
         self.fetched_bytes = 0  # read from the checkpoint (or the held blocks) into slots, for measurements
+
+    @property
+    def stats(self) -> StreamStats | None:
+        """Where the copies' time goes (block_copies.StreamStats); None (the default) measures nothing."""
+        return self.copies.stats
+
+    @stats.setter
+    def stats(self, value: StreamStats | None) -> None:
+        self.copies.stats = value
 
     def run(self, i: int, h: torch.Tensor, *args, **kwargs):
         if h.device != self.device:  # the slots cannot follow a .to(): say so before a kernel fails on it
             raise RuntimeError(f"this transformer streams its blocks on {self.device} (it was loaded with "
                                f"offload='blocks' for that device), got inputs on {h.device}")
         slot = self.acquire(i)
-        self.request((i + 1) % self.num_blocks)  # the next forward starts at block 0: it is fetched ahead too
+        for ahead in range(1, max(2, self.max_slots)):  # the next forward starts at block 0: fetched ahead too
+            self.request((i + ahead) % self.num_blocks)
         try:
             return slot.module(h, *args, **kwargs)
         finally:
@@ -115,14 +132,14 @@ class BlockStream:
         except BaseException:
             slot.block = None  # a failed copy leaves the slot holding nothing
             raise
-        slot.busy, slot.used = True, next(self._clock)
+        slot.busy, slot.ahead, slot.used = True, False, next(self._clock)
         return slot
 
     def request(self, i: int) -> None:
-        """Block i will be needed next: start moving its weights if a slot is free, else hint the page cache."""
+        """Block i will be needed soon: start moving its weights if a slot is free, else hint the page cache."""
         if any(s.block == i for s in self.slots):
             return
-        if len(self.slots) < self.max_slots or any(not s.busy for s in self.slots):
+        if len(self.slots) < self.max_slots or any(not s.busy and not s.ahead for s in self.slots):
             self.fetch(i)
         else:
             self.checkpoint.read_ahead(self.keys[i])
@@ -134,9 +151,18 @@ class BlockStream:
         tensors = leaf_tensors(slot.module)
         reads = [(key, tensors[name]) for key, name in zip(self.keys[i], self.names)]
         slot.ready = self.copies.fetch(self.checkpoint, reads, after=slot.free)
-        slot.block = i
+        slot.block, slot.ahead = i, True
         self.fetched_bytes += sum(self.checkpoint.record(key).nbytes for key in self.keys[i])
+        if self.stats is not None:
+            self.stats.blocks += 1
         return slot
+
+    def finish_copies(self) -> None:
+        """Wait until every fetch issued (the next forward's first blocks, fetched ahead) has landed: before
+        reading the stats, or timing a forward on its own."""
+        for slot in self.slots:
+            if slot.ready is not None:
+                self.copies.finish(slot.ready)
 
     def release(self, slot: _Slot) -> None:
         slot.free, slot.busy = self.copies.computed(), False
@@ -159,7 +185,31 @@ class BlockStream:
             return self.slots[-1]
         if not idle:
             raise RuntimeError("every slot is computing a block; the block loop must release a slot first")
-        return min(idle, key=lambda s: (s.block is not None, s.used))
+        # An empty slot first, then one whose block has computed, the least recently used; a slot fetched ahead
+        # only when the forward went another way (an error, another call order) and nothing else is left.
+        return min(idle, key=lambda s: (s.block is not None, s.ahead, s.used))
+
+    def _auto_slots(self) -> int:
+        if self.device.type != "cuda":
+            return 1  # a CPU computes and copies on one thread: a second slot would only hold more memory
+        return stream_slots(self.block_bytes, self.num_blocks)  # the device budget fit.py plans with too
+
+    def _use_cache(self, host_cache) -> bool:
+        if host_cache != "auto":
+            return bool(host_cache)
+        if self.device.type != "cuda":
+            return False  # on a CPU the page cache is the host cache: nothing to gain
+        # Held blocks are pinned where they are: the cache then costs no more RAM.
+        extra = 0 if hasattr(self.checkpoint, "hold_in") else self.block_bytes * self.num_blocks
+        return host_cache_fits(extra)
+
+    def _make_copies(self):
+        if self.device.type == "cuda":
+            link = CudaLink(self.device)
+            return StagedCopies(link, HostCache(link) if self.host_cache else None)
+        if self.host_cache:  # a CPU run that asks for it: the same cached path as CUDA's, done synchronously
+            return StagedCopies(HostLink(), HostCache(HostLink()))
+        return CpuCopies()
 
     def _new_block(self) -> nn.Module:
         # Outside inference mode: inference tensors could not be overwritten in place by a later, ordinary forward.
@@ -177,75 +227,15 @@ class BlockStream:
         return block
 
 
-class _CpuCopies:
-    """Copies on the calling thread, from the mapped file straight into the slot's tensors."""
-
-    @torch.no_grad()
-    def fetch(self, checkpoint: MappedCheckpoint, reads, after=None):
-        for key, out in reads:
-            checkpoint.read_into(key, out)
-
-    def wait(self, token) -> None:
-        pass
-
-    def computed(self):
-        return None
-
-
-class _CudaCopies:
-    """Host -> GPU copies on a side stream, through a ring of pinned staging buffers, on one worker thread: the host
-    copies mapped bytes into one staging buffer while the DMA engine empties another, and the main thread keeps
-    launching compute meanwhile."""
-
-    def __init__(self, device: torch.device, staging_bytes: int = STAGING_BYTES, buffers: int = STAGING_BUFFERS):
-        self.device = device
-        self.stream = torch.cuda.Stream(device)
-        self.staging = [torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(buffers)]
-        self.emptied: list = [None] * buffers  # per staging buffer: the event of the last copy out of it
-        self.next = 0
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="helios-blocks")
-
-    def fetch(self, checkpoint: MappedCheckpoint, reads, after=None):
-        return self.worker.submit(self._copy, checkpoint, reads, after)
-
-    def wait(self, token) -> None:
-        torch.cuda.current_stream(self.device).wait_event(token.result())
-
-    def computed(self):
-        return torch.cuda.current_stream(self.device).record_event()
-
-    @torch.no_grad()
-    def _copy(self, checkpoint: MappedCheckpoint, reads, after):
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            if after is not None:
-                self.stream.wait_event(after)  # the slot's last compute is done before it is overwritten
-            for key, out in reads:
-                stored = checkpoint.record(key).dtype
-                # A tensor stored in another dtype arrives as it is stored, then is converted on the device.
-                landing = out if stored == out.dtype else torch.empty(out.shape, dtype=stored, device=self.device)
-                dst = landing.view(-1).view(torch.uint8)
-                for offset, piece in checkpoint.pieces(key, self.staging[0].numel()):
-                    self._stage(piece, dst[offset : offset + len(piece)])
-                if landing is not out:
-                    out.copy_(landing)
-            return self.stream.record_event()
-
-    def _stage(self, piece, dst: torch.Tensor) -> None:
-        """Mapped bytes -> the next pinned staging buffer (a host memcpy) -> device (a DMA on the side stream)."""
-        k, self.next = self.next, (self.next + 1) % len(self.staging)
-        if self.emptied[k] is not None:
-            self.emptied[k].synchronize()  # its previous bytes have reached the device
-        np.copyto(as_bytes(self.staging[k])[: len(piece)], piece)
-        dst.copy_(self.staging[k][: len(piece)], non_blocking=True)
-        self.emptied[k] = self.stream.record_event()
-
-
-def load_streamed(model_class, directory: Path, torch_dtype, device, slots: int | None = None, prepare_block=None):
+def load_streamed(model_class, directory: Path, torch_dtype, device, slots: int | None = None, prepare_block=None,
+                  host_cache="auto"):
     """Build `model_class` from a checkpoint folder with its blocks streamed: the small modules are read onto
     `device` now, each block's weights when it is called. Peak memory while loading: the small modules.
 
     prepare_block (quantization): each block is read and prepared now, and held in host memory (held_blocks.py);
-    the stream copies the held blocks. The checkpoint is then closed: nothing more is read from it."""
+    the stream copies the held blocks. The checkpoint is then closed: nothing more is read from it.
+    host_cache: see BlockStream ("auto": pinned host memory on CUDA when the RAM holds the blocks)."""
+    check_host_cache(host_cache)
     config = read_config(directory)
     checkpoint = MappedCheckpoint(_safetensors_files(directory))
     try:
@@ -257,7 +247,7 @@ def load_streamed(model_class, directory: Path, torch_dtype, device, slots: int 
         if prepare_block is not None:
             source = hold_blocks(checkpoint, template, len(blocks), torch_dtype, device, prepare_block)
             template = source.blocks[0]
-        stream = BlockStream(source, template, len(blocks), torch_dtype, device, slots)
+        stream = BlockStream(source, template, len(blocks), torch_dtype, device, slots, host_cache=host_cache)
         model.blocks = nn.ModuleList(StreamedBlock(i, stream) for i in range(len(blocks)))
         with torch.no_grad():
             state = {key: checkpoint.read(key, param_dtype(key, torch_dtype), device) for key in model.state_dict()}

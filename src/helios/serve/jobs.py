@@ -77,8 +77,9 @@ class Job:
 class Worker:
     """The queue and the thread that runs jobs on the pipeline, one at a time."""
 
-    def __init__(self, pipe, store, max_queue: int):
-        self.pipe, self.store, self.max_queue = pipe, store, max_queue
+    def __init__(self, pipe, store, max_queue: int, overlap_decode: bool | None = None):
+        """overlap_decode: passed to every pipe.stream (None: the pipeline's choice, see overlap.py)."""
+        self.pipe, self.store, self.max_queue, self.overlap_decode = pipe, store, max_queue, overlap_decode
         self.jobs: dict[str, Job] = {}  # every listed job and every live session
         self.queue: deque[Job] = deque()
         self.lock = threading.Condition()
@@ -176,7 +177,8 @@ class Worker:
         negative = request.get("negative_prompt", DEFAULT_NEGATIVE_PROMPT)
         try:
             stream = self.pipe.stream(plan, negative_prompt=negative, resume=state, steering=job.steering,
-                                      on_step=lambda info: self._step(job, info), **media)
+                                      on_step=lambda info: self._step(job, info),
+                                      overlap_decode=self.overlap_decode, **media)
             for chunk in stream:
                 self._chunk(job, writer, chunk)
                 if job.cancel.is_set():
